@@ -1,0 +1,63 @@
+"""The engine's frozen configuration. Built once by the caller (the server's settings, a test, a
+benchmark) and validated here, so that every component below can trust it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start.
+
+    model_path: a Hugging Face LLaMA folder (config.json, safetensors or .bin, tokenizer files).
+    adapters: (name, folder) pairs of PEFT LoRA adapters loaded at start-up.
+    kv_cache_bytes: memory for the paged KV cache; the number of blocks is derived from it
+        unless num_kv_blocks is given.
+    max_num_batched_tokens: the per-step token budget (chunked prefill splits longer prompts).
+    max_loras: adapters resident in device slots at once; max_cpu_loras: more kept in host memory.
+    """
+
+    model_path: Path
+    adapters: tuple[tuple[str, Path], ...] = ()
+    device: str = "cpu"
+    dtype: str = "float32"
+    block_size: int = 16
+    kv_cache_bytes: int = 512 * 1024**2
+    num_kv_blocks: int | None = None
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None
+    max_queued_requests: int = 1024
+    max_loras: int = 4
+    max_cpu_loras: int = 16
+    max_lora_rank: int = 64
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = {
+            "block_size": self.block_size,
+            "kv_cache_bytes": self.kv_cache_bytes,
+            "max_num_seqs": self.max_num_seqs,
+            "max_num_batched_tokens": self.max_num_batched_tokens,
+            "max_queued_requests": self.max_queued_requests,
+            "max_loras": self.max_loras,
+            "max_lora_rank": self.max_lora_rank,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be >= max_loras")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be positive")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError("max_model_len must be at least 2")
+        names = [name for name, _ in self.adapters]
+        if len(set(names)) != len(names):
+            raise ValueError("adapter names must be unique")
