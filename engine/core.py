@@ -1,0 +1,297 @@
+"""EngineCore: the synchronous engine. One `step()` schedules, runs the model, samples, detokenizes.
+
+Single-threaded by contract: the AsyncEngine calls it from its engine thread only; tests and benchmarks
+call it directly (`generate` runs a batch to completion).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.config import EngineConfig
+from engine.errors import InvalidRequest, PromptTooLong, QueueFull, UnknownAdapter
+from engine.kv_cache import BlockAllocator, KVCache, KVCacheShape
+from engine.lora import LoraAdapter, LoraSlots, read_adapter
+from engine.model.llama import LlamaArgs, load_llama
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler, SamplingRow
+from engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
+from engine.types import (
+    EngineStats,
+    FinishReason,
+    RequestMetrics,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    params: SamplingParams
+    detokenizer: IncrementalDetokenizer
+    stops: StopChecker
+    generator: torch.Generator | None
+    metrics: RequestMetrics
+
+
+class EngineCore:
+    """Model, KV cache, scheduler, sampler and adapters of one engine."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.device = torch.device(config.device)
+        self.dtype = _DTYPES[config.dtype]
+        self.tokenizer = Tokenizer(config.model_path)
+        self.model_args = LlamaArgs.from_folder(config.model_path)
+        self.max_model_len = min(
+            config.max_model_len or self.model_args.max_position_embeddings,
+            self.model_args.max_position_embeddings,
+        )
+        model = load_llama(config.model_path, self.dtype, self.device, self.max_model_len)
+        a = self.model_args
+        shape = KVCacheShape(a.num_layers, a.num_kv_heads, a.head_dim, config.block_size)
+        num_blocks = config.num_kv_blocks or shape.blocks_for_budget(config.kv_cache_bytes, self.dtype)
+        self.allocator = BlockAllocator(num_blocks, config.block_size)
+        self.loras = LoraSlots(config.max_loras, self.device, self.dtype)
+        self.scheduler = Scheduler(
+            self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.loras.can_join
+        )
+        self.runner = ModelRunner(
+            model, KVCache(shape, num_blocks, self.dtype, self.device), config.block_size, self.device
+        )
+        self.sampler = Sampler(a.vocab_size, self.tokenizer.eos_token_id, self.device)
+        self.requests: dict[str, _Request] = {}
+        self.failed: list[tuple[str, Exception]] = []  # requests that failed in the last steps; caller drains
+        self.num_prompt_tokens_total = 0
+        self.num_generation_tokens_total = 0
+        for name, path in config.adapters:
+            self.add_adapter(self.read_adapter(name, path))
+        logger.info(
+            "engine ready: %d KV blocks of %d tokens, max_model_len %d, device %s",
+            num_blocks,
+            config.block_size,
+            self.max_model_len,
+            self.device,
+        )
+
+    # ---- adapters -----------------------------------------------------------------------------------
+    def read_adapter(self, name: str, path: Path) -> LoraAdapter:
+        """Read and validate an adapter; touches no engine state, so it may run on another thread."""
+        return read_adapter(name, path, self.model_args, self.config.max_lora_rank, self.dtype)
+
+    def add_adapter(self, adapter: LoraAdapter) -> None:
+        self.loras.add(adapter)
+
+    def remove_adapter(self, name: str) -> None:
+        self.loras.remove(name)
+
+    def adapter_in_use(self, name: str) -> bool:
+        return any(r.seq.adapter == name for r in self.requests.values())
+
+    # ---- requests -----------------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        if len(self.scheduler.waiting) >= self.config.max_queued_requests:
+            raise QueueFull("the server is at capacity; retry shortly")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        adapter: str | None = None,
+        arrival_s: float | None = None,
+    ) -> None:
+        """Validate and queue a request. Raises InvalidRequest, PromptTooLong, UnknownAdapter, QueueFull."""
+        self._validate(request_id, prompt_ids, params, adapter)
+        self.check_capacity()
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), adapter)
+        generator = None if params.seed is None else Sampler.make_generator(params.seed, self.device)
+        self.requests[request_id] = _Request(
+            seq,
+            params,
+            IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            StopChecker(params.stop),
+            generator,
+            RequestMetrics(arrival_s if arrival_s is not None else time.monotonic()),
+        )
+        self.scheduler.add(seq)
+        self.num_prompt_tokens_total += len(prompt_ids)
+
+    def _validate(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None
+    ) -> None:
+        if request_id in self.requests:
+            raise InvalidRequest(f"duplicate request id {request_id!r}")
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.model_args.vocab_size:
+            raise InvalidRequest("the prompt holds token ids outside the vocabulary", param="prompt")
+        if adapter is not None and adapter not in self.loras.host:
+            raise UnknownAdapter(f"the adapter {adapter!r} does not exist", param="model")
+        n, limit = len(prompt_ids), self.max_model_len
+        if n >= limit:
+            raise PromptTooLong(
+                f"the prompt has {n} tokens; this model's context length is {limit}", param="messages"
+            )
+        if n + params.max_tokens > limit:
+            raise PromptTooLong(
+                f"max_tokens {params.max_tokens} plus the prompt's {n} tokens exceeds the context "
+                f"length {limit}; ask for at most {limit - n} tokens",
+                param="max_tokens",
+            )
+        if self.allocator.blocks_needed(n + params.max_tokens, 0) > self.allocator.num_blocks:
+            raise PromptTooLong("the request needs more KV cache than this server has", param="max_tokens")
+
+    def abort(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks. False if it was not (or no longer) known."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; returns an increment for every request that produced a token."""
+        plan = self.scheduler.schedule()
+        if not plan.scheduled:
+            return []
+        # Adjacent equal adapters give one LoRA segment each (None, the base, sorts first).
+        items = sorted(plan.scheduled, key=lambda s: s.seq.adapter or "")
+        now = time.monotonic()
+        for item in items:
+            m = self.requests[item.seq.request_id].metrics
+            if m.first_scheduled_s is None:
+                m.first_scheduled_s = now
+        logits = self.runner.run(items, self.loras)
+        self.scheduler.update(plan)
+        return self._process([item for item in items if item.samples], logits)
+
+    def _process(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
+        reqs = [self.requests[item.seq.request_id] for item in sampling]
+        rows = [
+            SamplingRow(r.params, r.seq.token_ids[: r.seq.num_prompt_tokens], r.seq.output_ids, r.generator)
+            for r in reqs
+        ]
+        result = self.sampler.sample(logits, rows)
+        now = time.monotonic()
+        outputs = []
+        for i, req in enumerate(reqs):
+            token_id = result.token_ids[i]
+            req.seq.token_ids.append(token_id)
+            self.num_generation_tokens_total += 1
+            try:
+                out = self._advance(req, token_id, now)
+                raw = result.logprobs[i]
+                if raw is not None:
+                    out.logprobs = [self._logprob(token_id, raw)]
+            except Exception as e:  # one request's fault must not take the others down
+                logger.error("request %s failed (%s)", req.seq.request_id, type(e).__name__, exc_info=True)
+                self.failed.append((req.seq.request_id, e))
+                self.abort(req.seq.request_id)
+                continue
+            outputs.append(out)
+            if out.finished:
+                self.requests.pop(req.seq.request_id, None)
+                self.scheduler.finish(req.seq)
+        return outputs
+
+    def _advance(self, req: _Request, token_id: int, now: float) -> RequestOutput:
+        """Detokenize the new token, check stop conditions, and build the request's increment."""
+        params, seq = req.params, req.seq
+        m = req.metrics
+        m.first_token_s = m.first_token_s or now
+        m.last_token_s = now
+        finish: FinishReason | None = None
+        stop_reason: str | int | None = None
+        text = ""
+        num_out = seq.num_tokens - seq.num_prompt_tokens
+        if token_id == self.tokenizer.eos_token_id and not params.ignore_eos:
+            finish = FinishReason.STOP
+        elif token_id in params.stop_token_ids:
+            finish, stop_reason = FinishReason.STOP, token_id
+        else:
+            text, matched = req.stops.push(req.detokenizer.push(token_id))
+            if matched is not None:
+                finish, stop_reason = FinishReason.STOP, matched
+        if finish is None and (num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len):
+            finish = FinishReason.LENGTH
+        if finish is not None and not isinstance(stop_reason, str):
+            tail, matched = req.stops.push(req.detokenizer.flush())
+            text += tail if matched is not None else tail + req.stops.flush()
+            if matched is not None:
+                finish, stop_reason = FinishReason.STOP, matched
+        if finish is not None:
+            m.finished_s = now
+        return RequestOutput(
+            seq.request_id,
+            text,
+            [token_id],
+            seq.num_prompt_tokens,
+            num_out,
+            finish,
+            stop_reason,
+            None,
+            m if finish is not None else None,
+        )
+
+    def _logprob(self, token_id: int, raw: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+        chosen, top = raw
+        text = self.tokenizer.token_text
+        return TokenLogprob(token_id, text(token_id), chosen, tuple((t, text(t), lp) for t, lp in top))
+
+    # ---- conveniences ---------------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            num_free_blocks=self.allocator.num_free,
+            num_total_blocks=self.allocator.num_blocks,
+            num_preemptions=s.num_preemptions,
+            running_adapters=tuple(sorted({q.adapter for q in s.running if q.adapter})),
+            waiting_adapters=tuple(sorted({q.adapter for q in s.waiting if q.adapter})),
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_generation_tokens_total=self.num_generation_tokens_total,
+        )
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | list[SamplingParams],
+        adapters: list[str | None] | None = None,
+    ) -> list[RequestOutput]:
+        """Run a batch to completion; one RequestOutput per prompt with the full text and token ids."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        adapter_list = adapters or [None] * len(prompts)
+        ids = [f"batch-{id(prompts)}-{i}" for i in range(len(prompts))]
+        results = {rid: RequestOutput(rid, "", [], len(p), 0) for rid, p in zip(ids, prompts, strict=True)}
+        for rid, prompt, p, adapter in zip(ids, prompts, params_list, adapter_list, strict=True):
+            self.add_request(rid, prompt, p, adapter)
+        while self.has_unfinished():
+            for out in self.step():
+                acc = results[out.request_id]
+                acc.text += out.text
+                acc.token_ids += out.token_ids
+                acc.num_output_tokens = out.num_output_tokens
+                acc.finish_reason, acc.stop_reason = out.finish_reason, out.stop_reason
+                if out.logprobs:
+                    acc.logprobs = (acc.logprobs or []) + out.logprobs
+        return [results[rid] for rid in ids]

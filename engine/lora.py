@@ -1,0 +1,224 @@
+"""LoRA adapters: reading PEFT checkpoints, validating them against the base, and keeping them resident.
+
+An adapter is stored per layer and per fused projection as (A [r, in], B [out, r]) with the PEFT scaling
+folded into B, so a projection's delta for a token is (x A^T) B^T. For the fused q/k/v and gate/up
+projections the A's are stacked and B is block-diagonal, so one pair of matmuls covers all parts.
+Reading and preparing an adapter (read_adapter) is pure and may run on any thread; LoraSlots is owned by
+the engine thread.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engine.errors import AdapterError
+from engine.model.llama import FUSED, LORA_TARGETS, LlamaArgs, LoraSegment
+
+logger = logging.getLogger(__name__)
+
+_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
+LayerWeights = list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+@dataclass
+class LoraAdapter:
+    """One adapter, ready to add to the base's projections."""
+
+    name: str
+    path: Path
+    rank: int
+    target_modules: tuple[str, ...]
+    weights: LayerWeights
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
+        moved = [
+            {k: (a.to(device, dtype), b.to(device, dtype)) for k, (a, b) in layer.items()}
+            for layer in self.weights
+        ]
+        return LoraAdapter(self.name, self.path, self.rank, self.target_modules, moved)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(a.nbytes + b.nbytes for layer in self.weights for a, b in layer.values())
+
+
+def read_adapter(name: str, path: Path, args: LlamaArgs, max_rank: int, dtype: torch.dtype) -> LoraAdapter:
+    """Read and validate a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors or .bin).
+
+    Raises AdapterError with a message fit for an API client (no absolute paths) when the adapter cannot be
+    served on this base: wrong type, DoRA, modules_to_save, embeddings, ranks above max_rank, shapes that
+    do not match the base.
+    """
+    config = _read_config(path)
+    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    if not 1 <= r <= max_rank:
+        raise AdapterError(f"adapter rank {r} is outside 1..{max_rank} (max_lora_rank)")
+    scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    pairs = _read_pairs(path, args)
+    weights: LayerWeights = []
+    for layer in range(args.num_layers):
+        fused_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for fused, parts in FUSED.items():
+            pair = _fuse(args, pairs, layer, parts, scaling, dtype)
+            if pair is not None:
+                fused_layer[fused] = pair
+        weights.append(fused_layer)
+    targets = tuple(sorted({proj for (_, proj) in pairs}, key=LORA_TARGETS.index))
+    ranks = {a.shape[0] for a, _ in pairs.values()}
+    if max(ranks) > max_rank:
+        raise AdapterError(f"adapter rank {max(ranks)} exceeds max_lora_rank {max_rank}")
+    return LoraAdapter(name, path, max(ranks), targets, weights)
+
+
+def _read_config(path: Path) -> dict[str, object]:
+    config_file = path / "adapter_config.json"
+    if not config_file.is_file():
+        raise AdapterError("adapter folder has no adapter_config.json")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError("adapter_config.json is not valid JSON") from e
+    if not isinstance(config, dict):
+        raise AdapterError("adapter_config.json must hold an object")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterError(f"only LoRA adapters are supported, got peft_type {config.get('peft_type')}")
+    if config.get("use_dora"):
+        raise AdapterError("DoRA adapters are not supported")
+    if config.get("modules_to_save"):
+        raise AdapterError("adapters with modules_to_save (e.g. a resized vocabulary) cannot share the base")
+    if config.get("bias", "none") != "none":
+        raise AdapterError("LoRA adapters with trained biases are not supported")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise AdapterError("per-module rank_pattern/alpha_pattern adapters are not supported")
+    if config.get("fan_in_fan_out"):
+        raise AdapterError("fan_in_fan_out adapters are not supported for LLaMA")
+    return config
+
+
+def _read_state(path: Path) -> dict[str, torch.Tensor]:
+    st, binary = path / "adapter_model.safetensors", path / "adapter_model.bin"
+    try:
+        if st.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(st))
+        if binary.is_file():
+            # The published ChatMed adapters are pickles: never run their code, read tensors only.
+            state = torch.load(binary, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict):
+                raise AdapterError("adapter_model.bin does not hold a state dict")
+            return state
+    except AdapterError:
+        raise
+    except Exception as e:  # corrupt files surface as many exception types
+        raise AdapterError(f"adapter weights could not be read ({type(e).__name__})") from e
+    raise AdapterError("adapter folder has no adapter_model.safetensors or adapter_model.bin")
+
+
+def _read_pairs(path: Path, args: LlamaArgs) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]:
+    """(layer, projection) -> (A [r, in], B [out, r]) as stored, shapes checked against the base."""
+    halves: dict[tuple[int, str, str], torch.Tensor] = {}
+    for key, tensor in _read_state(path).items():
+        m = _KEY.search(key)
+        if m is None:
+            raise AdapterError(f"unsupported tensor in adapter: {key.split('.')[-3:]}")
+        layer, proj, half = int(m.group(1)), m.group(2), m.group(3)
+        if proj not in LORA_TARGETS or layer >= args.num_layers:
+            raise AdapterError(f"adapter targets {proj} of layer {layer}, which the base does not have")
+        halves[(layer, proj, half)] = tensor
+    pairs = {}
+    for (layer, proj, half), a in halves.items():
+        if half != "A":
+            continue
+        b = halves.get((layer, proj, "B"))
+        if b is None or a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"adapter has mismatched lora_A/lora_B for {proj} of layer {layer}")
+        if a.shape[1] != args.in_features(proj) or b.shape[0] != args.out_features(proj):
+            raise AdapterError(f"adapter shapes for {proj} do not match the base model")
+        pairs[(layer, proj)] = (a, b)
+    if not pairs or len(pairs) * 2 != len(halves):
+        raise AdapterError("adapter has no complete LoRA weight pairs")
+    return pairs
+
+
+def _fuse(
+    args: LlamaArgs,
+    pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
+    layer: int,
+    parts: tuple[str, ...],
+    scaling: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stack the parts' A's and build a block-diagonal B (rows of parts without LoRA stay zero)."""
+    present = [(p, pairs[(layer, p)]) for p in parts if (layer, p) in pairs]
+    if not present:
+        return None
+    rank = sum(a.shape[0] for _, (a, _) in present)
+    out = sum(args.out_features(p) for p in parts)
+    a_cat = torch.cat([a.float() for _, (a, _) in present]).to(dtype)
+    b_diag = torch.zeros(out, rank)
+    row = {p: sum(args.out_features(q) for q in parts[: parts.index(p)]) for p in parts}
+    col = 0
+    for p, (a, b) in present:
+        b_diag[row[p] : row[p] + b.shape[0], col : col + a.shape[0]] = b.float() * scaling
+        col += a.shape[0]
+    return a_cat, b_diag.to(dtype)
+
+
+class LoraSlots:
+    """Adapters known to the engine (host copies) and the few resident on the device (at most max_loras,
+    least recently used evicted first, never one that the running batch uses). Engine thread only."""
+
+    def __init__(self, max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.max_loras = max_loras
+        self.device = device
+        self.dtype = dtype
+        self.host: dict[str, LoraAdapter] = {}
+        self.resident: OrderedDict[str, LoraAdapter] = OrderedDict()
+
+    def add(self, adapter: LoraAdapter) -> None:
+        self.remove(adapter.name)
+        self.host[adapter.name] = adapter
+
+    def remove(self, name: str) -> None:
+        self.host.pop(name, None)
+        self.resident.pop(name, None)
+
+    def can_join(self, adapter: str | None, active: set[str]) -> bool:
+        """A sequence may join the running set if its adapter fits within max_loras distinct adapters."""
+        return adapter is None or adapter in active or len(active) < self.max_loras
+
+    def segments(self, spans: list[tuple[str | None, int, int]]) -> list[LoraSegment]:
+        """Per-step LoRA segments for token spans [(adapter, start, end)], making each adapter resident."""
+        active = {name for name, _, _ in spans if name is not None}
+        out = []
+        for name, start, end in spans:
+            if name is not None:
+                out.append(LoraSegment(start, end, self._resident(name, active).weights))
+        return out
+
+    def _resident(self, name: str, active: set[str]) -> LoraAdapter:
+        adapter = self.resident.get(name)
+        if adapter is not None:
+            self.resident.move_to_end(name)
+            return adapter
+        while len(self.resident) >= self.max_loras:
+            victim = next(n for n in self.resident if n not in active)
+            del self.resident[victim]
+            logger.debug("evicted adapter %s from the device", victim)
+        host = self.host[name]
+        adapter = host if host.weights and self._on_device(host) else host.to(self.device, self.dtype)
+        self.resident[name] = adapter
+        return adapter
+
+    def _on_device(self, adapter: LoraAdapter) -> bool:
+        a, _ = next(iter(adapter.weights[0].values())) if adapter.weights[0] else (None, None)
+        return a is not None and a.device == self.device and a.dtype == self.dtype

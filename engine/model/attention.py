@@ -1,0 +1,91 @@
+"""Attention over the paged KV cache for a flat batch of tokens from many sequences.
+
+New keys/values are written into their slots first; then decode tokens (one query per sequence) are
+attended in one padded batch, and prefill chunks one sequence at a time. On the CPU the cached keys are
+gathered by slot index and passed to scaled_dot_product_attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    """Query tokens [start, start + num_tokens) of the flat batch; keys are `slots` (the whole context
+    up to and including this chunk, in position order). `fresh` means the chunk starts at position 0, so
+    its own keys are the whole context and no gather is needed."""
+
+    start: int
+    num_tokens: int
+    slots: torch.Tensor  # [context_len] long
+    fresh: bool
+
+
+@dataclass
+class AttentionBatch:
+    """Everything attention needs about one step, built once by the model runner, shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] long: where each token's key/value is written
+    decode_rows: torch.Tensor | None  # [B] long: flat indices of decode tokens (None: no decode tokens)
+    decode_slots: torch.Tensor | None  # [B, L] long: each decode sequence's context slots, padded with 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool: True where a key is real
+    decode_is_all: bool  # every token of the step is a decode token, in order (skip the scatter)
+    prefills: list[PrefillChunk]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+) -> torch.Tensor:
+    """q: [T, H, D], k/v: [T, Hkv, D]; caches [slots, Hkv, D] (mutated: new keys written) -> [T, H*D]."""
+    t, num_heads, head_dim = q.shape
+    k_cache.index_copy_(0, batch.slot_mapping, k)
+    v_cache.index_copy_(0, batch.slot_mapping, v)
+    gqa = num_heads != k.shape[1]
+    if batch.decode_is_all:
+        return _decode(q, k_cache, v_cache, batch, gqa).reshape(t, num_heads * head_dim)
+    out = q.new_empty(t, num_heads, head_dim)
+    if batch.decode_rows is not None:
+        out[batch.decode_rows] = _decode(q[batch.decode_rows], k_cache, v_cache, batch, gqa)
+    for chunk in batch.prefills:
+        rows = slice(chunk.start, chunk.start + chunk.num_tokens)
+        if chunk.fresh:
+            keys, values = k[rows], v[rows]
+        else:
+            keys, values = k_cache[chunk.slots], v_cache[chunk.slots]
+        out[rows] = _prefill(q[rows], keys, values, gqa)
+    return out.reshape(t, num_heads * head_dim)
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, gqa: bool
+) -> torch.Tensor:
+    """q: [B, H, D] one query per sequence -> [B, H, D]."""
+    assert batch.decode_slots is not None and batch.decode_mask is not None
+    keys = k_cache[batch.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
+    values = v_cache[batch.decode_slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
+    )
+    return out.squeeze(2)
+
+
+def _prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """q: [n, H, D] the last n positions of a context of keys/values [L, Hkv, D] -> [n, H, D]."""
+    n, ctx = q.shape[0], keys.shape[0]
+    qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+    if n == ctx:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
+    else:
+        # Query i sits at position ctx - n + i and sees keys 0 ..= ctx - n + i.
+        mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+    return out.transpose(0, 1)

@@ -1,0 +1,289 @@
+"""A compact LLaMA for serving: flat token batches, paged KV cache, batched multi-LoRA.
+
+Loads any Hugging Face LLaMA folder (config.json + safetensors or .bin). q/k/v and gate/up are fused
+into one matmul each. Every step works on T flattened tokens of many sequences:
+    input_ids [T] -> embeddings [T, hidden] -> layers -> hidden [T, hidden]
+and logits are computed only for the rows that sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.kv_cache import KVCache
+from engine.model.attention import AttentionBatch, paged_attention
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Fused projection -> the HF projections it stacks, in row order.
+FUSED = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+
+    @classmethod
+    def from_folder(cls, path: Path) -> LlamaArgs:
+        """Read config.json through transformers' config class, which normalises old and new layouts."""
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(path)
+        if cfg.model_type != "llama":
+            raise ValueError(f"only LLaMA checkpoints are supported, got model_type={cfg.model_type!r}")
+        if getattr(cfg, "attention_bias", False) or getattr(cfg, "mlp_bias", False):
+            raise ValueError("LLaMA variants with attention or MLP biases are not supported")
+        if getattr(cfg, "hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported activation {cfg.hidden_act!r}")
+        rope = dict(getattr(cfg, "rope_parameters", None) or {})
+        if "rope_theta" not in rope:
+            rope["rope_theta"] = getattr(cfg, "rope_theta", 10000.0)
+        if rope.get("rope_type", "default") != "default":
+            raise ValueError(f"rope scaling {rope.get('rope_type')!r} is not supported")
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls(
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads or cfg.num_attention_heads,
+            head_dim=head_dim,
+            rope_theta=float(rope["rope_theta"]),
+            rms_norm_eps=cfg.rms_norm_eps,
+            tie_word_embeddings=bool(cfg.tie_word_embeddings),
+            max_position_embeddings=cfg.max_position_embeddings,
+        )
+
+    def out_features(self, proj: str) -> int:
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        sizes = {
+            "q_proj": q,
+            "k_proj": kv,
+            "v_proj": kv,
+            "o_proj": self.hidden_size,
+            "gate_proj": self.intermediate_size,
+            "up_proj": self.intermediate_size,
+            "down_proj": self.hidden_size,
+        }
+        return sizes[proj]
+
+    def in_features(self, proj: str) -> int:
+        if proj == "o_proj":
+            return self.num_heads * self.head_dim
+        if proj == "down_proj":
+            return self.intermediate_size
+        return self.hidden_size
+
+
+@dataclass
+class LoraSegment:
+    """Tokens [start, end) of the flat batch use one adapter.
+
+    `weights[layer][fused]` = (A [r, in], B [out, r]) with the scaling folded into B; a missing key means
+    the adapter does not touch that projection."""
+
+    start: int
+    end: int
+    weights: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _linear_lora(
+    x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, segments: list[LoraSegment]
+) -> torch.Tensor:
+    """y = x W^T, plus each segment's low-rank delta (x_s A^T) B^T on its own rows only."""
+    y = F.linear(x, weight)
+    for seg in segments:
+        pair = seg.weights[layer].get(fused)
+        if pair is not None:
+            a, b = pair
+            rows = y[seg.start : seg.end]
+            rows.addmm_(x[seg.start : seg.end] @ a.t(), b.t())
+    return y
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32 like the reference implementation, then cast back.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary embeddings in HF's rotate-half layout, cos/sin cached for every position."""
+
+    def __init__(self, head_dim: int, theta: float, max_len: int) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        freqs = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
+        self.register_buffer("cos", emb.cos(), persistent=False)
+        self.register_buffer("sin", emb.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        # x: [T, heads, head_dim]; positions: [T]
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos + rotated * sin
+
+
+class Block(nn.Module):
+    def __init__(self, args: LlamaArgs, layer: int) -> None:
+        super().__init__()
+        self.args = args
+        self.layer = layer
+        q_out = args.num_heads * args.head_dim
+        kv_out = args.num_kv_heads * args.head_dim
+        self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.mlp_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.qkv = nn.Parameter(torch.empty(q_out + 2 * kv_out, args.hidden_size), requires_grad=False)
+        self.o = nn.Parameter(torch.empty(args.hidden_size, q_out), requires_grad=False)
+        self.gate_up = nn.Parameter(
+            torch.empty(2 * args.intermediate_size, args.hidden_size), requires_grad=False
+        )
+        self.down = nn.Parameter(torch.empty(args.hidden_size, args.intermediate_size), requires_grad=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        kv: KVCache,
+        attn: AttentionBatch,
+        lora: list[LoraSegment],
+    ) -> torch.Tensor:
+        a = self.args
+        t = x.shape[0]
+        h = self.attn_norm(x)
+        qkv = _linear_lora(h, self.qkv, self.layer, "qkv", lora)
+        q_out, kv_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        q = qkv[:, :q_out].view(t, a.num_heads, a.head_dim)
+        k = qkv[:, q_out : q_out + kv_out].view(t, a.num_kv_heads, a.head_dim)
+        v = qkv[:, q_out + kv_out :].view(t, a.num_kv_heads, a.head_dim)
+        q, k = rotary(q, positions), rotary(k, positions)
+        o = paged_attention(q, k, v, kv.keys[self.layer], kv.values[self.layer], attn)  # [T, q_out]
+        x = x + _linear_lora(o, self.o, self.layer, "o", lora)
+        h = self.mlp_norm(x)
+        gate_up = _linear_lora(h, self.gate_up, self.layer, "gate_up", lora)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return x + _linear_lora(F.silu(gate) * up, self.down, self.layer, "down", lora)
+
+
+class Llama(nn.Module):
+    def __init__(self, args: LlamaArgs, max_len: int) -> None:
+        super().__init__()
+        self.args = args
+        self.embed = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
+        self.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
+        self.requires_grad_(False)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv: KVCache,
+        attn: AttentionBatch,
+        lora: list[LoraSegment],
+    ) -> torch.Tensor:
+        """input_ids, positions: [T] -> final hidden states [T, hidden] (norm not yet applied)."""
+        x = self.embed(input_ids)
+        for block in self.layers:
+            x = block(x, positions, self.rotary, kv, attn, lora)
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, hidden] -> logits [N, vocab] in float32."""
+        return F.linear(self.norm(hidden), self.lm_head).float()
+
+
+def load_llama(path: Path, dtype: torch.dtype, device: torch.device, max_len: int) -> Llama:
+    """Build the module on the meta device, then fill it from the checkpoint's tensors."""
+    args = LlamaArgs.from_folder(path)
+    with torch.device("meta"):
+        model = Llama(args, max_len)
+    state = _read_state_dict(path)
+    params: dict[str, torch.Tensor] = {
+        "embed.weight": state.pop("model.embed_tokens.weight"),
+        "norm.weight": state.pop("model.norm.weight"),
+    }
+    lm_head = state.pop("lm_head.weight", None)
+    params["lm_head"] = params["embed.weight"] if lm_head is None or args.tie_word_embeddings else lm_head
+    for i in range(args.num_layers):
+        p = f"model.layers.{i}."
+        take = state.pop
+        params[f"layers.{i}.attn_norm.weight"] = take(p + "input_layernorm.weight")
+        params[f"layers.{i}.mlp_norm.weight"] = take(p + "post_attention_layernorm.weight")
+        params[f"layers.{i}.qkv"] = torch.cat([take(p + f"self_attn.{n}.weight") for n in FUSED["qkv"][:3]])
+        params[f"layers.{i}.o"] = take(p + "self_attn.o_proj.weight")
+        params[f"layers.{i}.gate_up"] = torch.cat([take(p + f"mlp.{n}.weight") for n in FUSED["gate_up"]])
+        params[f"layers.{i}.down"] = take(p + "mlp.down_proj.weight")
+    leftover = [k for k in state if "rotary_emb" not in k]
+    if leftover:
+        raise ValueError(f"unexpected tensors in checkpoint: {leftover[:5]}")
+    model.load_state_dict({k: v.to(dtype) for k, v in params.items()}, strict=False, assign=True)
+    model.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
+    model.to(device)
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors for: {missing[:5]}")
+    logger.info(
+        "loaded LLaMA %s (%d layers, hidden %d) in %s", path.name, args.num_layers, args.hidden_size, dtype
+    )
+    return model
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: safetensors (one or sharded), or .bin read without pickle code."""
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        index = path / "pytorch_model.bin.index.json"
+        if index.exists():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [path / n for n in names]
+        else:
+            files = sorted(path.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(f"no safetensors or pytorch_model*.bin weights in {path.name}")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        if f.suffix == ".safetensors":
+            state.update(load_file(str(f)))
+        else:
+            state.update(torch.load(f, map_location="cpu", weights_only=True))
+    return state

@@ -1,0 +1,114 @@
+"""Turns one scheduled step into flat tensors, runs the model, and returns the logits of sampling rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import KVCache
+from engine.lora import LoraSlots
+from engine.model.attention import AttentionBatch, PrefillChunk
+from engine.model.llama import Llama
+from engine.scheduler import ScheduledSeq
+
+
+@dataclass
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    attention: AttentionBatch
+    sample_rows: torch.Tensor  # [N] flat index of the last token of each sequence that samples
+    spans: list[tuple[str | None, int, int]]  # (adapter, start, end) token spans, adapters contiguous
+
+
+class ModelRunner:
+    """Owns the model and the KV tensors. `items` must be ordered so that equal adapters are adjacent."""
+
+    def __init__(self, model: Llama, kv: KVCache, block_size: int, device: torch.device) -> None:
+        self.model = model
+        self.kv = kv
+        self.block_size = block_size
+        self.device = device
+
+    @torch.inference_mode()
+    def run(self, items: list[ScheduledSeq], loras: LoraSlots) -> torch.Tensor:
+        """Forward the step; returns logits [N, vocab] (float32) for the items that sample, in order."""
+        inputs = self.prepare(items)
+        segments = loras.segments(inputs.spans)
+        hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.attention, segments)
+        return self.model.compute_logits(hidden[inputs.sample_rows])
+
+    def prepare(self, items: list[ScheduledSeq]) -> StepInputs:
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        spans: list[tuple[str | None, int, int]] = []
+        decode_items: list[tuple[int, ScheduledSeq]] = []
+        prefills: list[PrefillChunk] = []
+        bs = self.block_size
+        for item in items:
+            seq, start, n = item.seq, item.start, item.num_new_tokens
+            row = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            table = seq.block_table
+            for pos in range(start, start + n):
+                positions.append(pos)
+                slots.append(table[pos // bs] * bs + pos % bs)
+            if n == 1:
+                decode_items.append((row, item))
+            else:
+                context = self._context_slots(table, start + n)
+                prefills.append(PrefillChunk(row, n, context, fresh=start == 0))
+            if item.samples:
+                sample_rows.append(row + n - 1)
+            if spans and spans[-1][0] == seq.adapter:
+                spans[-1] = (seq.adapter, spans[-1][1], row + n)
+            else:
+                spans.append((seq.adapter, row, row + n))
+        attention = self._attention_batch(slots, decode_items, prefills, len(ids))
+        dev = self.device
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            attention=attention,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            spans=spans,
+        )
+
+    def _context_slots(self, table: list[int], context_len: int) -> torch.Tensor:
+        """Slots of positions 0 .. context_len - 1 of a sequence: [context_len]."""
+        blocks = torch.tensor(table[: -(-context_len // self.block_size)], dtype=torch.long)
+        offsets = torch.arange(self.block_size, dtype=torch.long)
+        return (blocks[:, None] * self.block_size + offsets).flatten()[:context_len].to(self.device)
+
+    def _attention_batch(
+        self,
+        slots: list[int],
+        decode_items: list[tuple[int, ScheduledSeq]],
+        prefills: list[PrefillChunk],
+        num_tokens: int,
+    ) -> AttentionBatch:
+        dev = self.device
+        decode_rows = decode_slots = decode_mask = None
+        if decode_items:
+            bs = self.block_size
+            lengths = [item.start + 1 for _, item in decode_items]
+            max_blocks = -(-max(lengths) // bs)
+            tables = [item.seq.block_table[:max_blocks] for _, item in decode_items]
+            padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
+            offsets = torch.arange(bs, dtype=torch.long)
+            decode_slots = (padded[:, :, None] * bs + offsets).flatten(1).to(dev)  # [B, max_blocks * bs]
+            length_t = torch.tensor(lengths, dtype=torch.long, device=dev)
+            positions = torch.arange(decode_slots.shape[1], device=dev)
+            decode_mask = (positions[None, :] < length_t[:, None])[:, None, None, :]
+            decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)
+        return AttentionBatch(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            decode_rows=decode_rows,
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            decode_is_all=len(decode_items) == num_tokens,
+            prefills=prefills,
+        )

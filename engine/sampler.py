@@ -1,0 +1,350 @@
+"""Logits → next token ids (and logprobs), vectorised over the rows of one engine step.
+
+Order of operations, per row (HF transformers / vLLM / OpenAI semantics):
+  1. logprobs from the raw model distribution (log_softmax of the unprocessed logits, vLLM's default);
+  2. repetition_penalty over every token of prompt + output (HF: logit / p if logit > 0 else logit * p);
+  3. frequency_penalty × count and presence_penalty × [count > 0] over output tokens (OpenAI), subtracted;
+  4. while fewer than min_tokens outputs exist, EOS and the stop token ids get -inf;
+  5. temperature == 0 → argmax; otherwise logits / temperature, top-k, top-p (nucleus), then a draw.
+
+The draw inverts each row's CDF at one uniform number: exact multinomial sampling that costs one random
+number per row instead of one per vocabulary entry (an exponential race over a 32k vocabulary spends more
+time in `log` than the rest of the sampler on a CPU). A seeded row takes its uniform from its own
+generator, so its tokens depend only on its seed and its own logits, never on the other rows of the batch
+or their order. Top-k/top-p find each row's cutoff among its top `num_candidates` logits and sort the
+whole row only when the nucleus is wider than that. The only Python loop over rows that touches tensors
+runs over seeded rows.
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.types import SamplingParams
+
+# Temperatures below this are treated as greedy: dividing by them overflows float32 logits (as in vLLM).
+_MIN_TEMPERATURE = 1e-5
+_SEED_MODULUS = 2**64  # torch.Generator.manual_seed accepts [0, 2**64); OpenAI seeds may be negative
+# Top logits examined per row before falling back to a full sort: nuclei at the usual top_p and
+# temperature settings are far narrower, and topk(128) costs a few percent of a full sort.
+NUM_CANDIDATES = 128
+
+Logprobs = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass
+class SamplingRow:
+    """One row of a step's logits: the request's parameters, its tokens so far and its generator."""
+
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: torch.Generator | None  # per request, Sampler.make_generator(params.seed); None if unseeded
+
+
+@dataclass
+class SampleResult:
+    """The chosen token of every row and, for rows that asked, (chosen logprob, top [(id, logprob)])."""
+
+    token_ids: list[int]
+    logprobs: list[Logprobs | None]
+
+
+class Sampler:
+    """Turns a step's logits [num_rows, vocab] into one token per row. Stateless apart from its settings."""
+
+    def __init__(self, vocab_size: int, eos_token_id: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.eos_token_id = eos_token_id
+        self.device = device
+
+    @staticmethod
+    def make_generator(seed: int, device: torch.device) -> torch.Generator:
+        """A generator for one request; the same seed always gives the same token stream."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(seed % _SEED_MODULUS)
+        return generator
+
+    def sample(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> SampleResult:
+        """Pick the next token of every row. `logits` is not modified; any float dtype, computed in float32.
+
+        Advances the generator of every seeded row that samples (temperature > 0) by one draw.
+        """
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
+        raw = logits.to(device=self.device, dtype=torch.float32)  # [rows, vocab]; never written to
+        processed = self._apply_penalties(raw, rows)
+        processed = self._suppress_stop_tokens(processed, rows)
+        token_ids = self._choose(processed, rows)  # [rows]
+
+        params = [row.params for row in rows]
+        logprobs: list[Logprobs | None] = [None] * len(rows)
+        if any(p.logprobs is not None for p in params):
+            logprobs = _gather_logprobs(raw, token_ids, params)
+        return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Repetition, then frequency and presence penalties; id tensors are built only when used."""
+        repetition = [row.params.repetition_penalty for row in rows]
+        if any(p != 1.0 for p in repetition):
+            # Rows without the penalty contribute no ids, so their logits stay untouched.
+            seen = [
+                [*r.prompt_ids, *r.output_ids] if p != 1.0 else []
+                for r, p in zip(rows, repetition, strict=True)
+            ]
+            logits = apply_repetition_penalty(
+                logits,
+                pad_token_ids(seen, self.vocab_size, self.device),
+                torch.tensor(repetition, dtype=torch.float32, device=self.device),
+            )
+
+        frequency = [row.params.frequency_penalty for row in rows]
+        presence = [row.params.presence_penalty for row in rows]
+        active = [f != 0.0 or p != 0.0 for f, p in zip(frequency, presence, strict=True)]
+        if any(active):
+            outputs = [row.output_ids if on else [] for row, on in zip(rows, active, strict=True)]
+            counts = token_counts(pad_token_ids(outputs, self.vocab_size, self.device), self.vocab_size)
+            logits = apply_frequency_presence_penalty(
+                logits,
+                counts,
+                torch.tensor(frequency, dtype=torch.float32, device=self.device),
+                torch.tensor(presence, dtype=torch.float32, device=self.device),
+            )
+        return logits
+
+    def _suppress_stop_tokens(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Rows short of min_tokens may not end: EOS (even with ignore_eos) and stop token ids get -inf."""
+        row_index: list[int] = []
+        token_index: list[int] = []
+        for i, row in enumerate(rows):
+            if len(row.output_ids) >= row.params.min_tokens:
+                continue
+            for token_id in {self.eos_token_id, *row.params.stop_token_ids}:
+                if 0 <= token_id < self.vocab_size:  # an id the model cannot produce needs no suppression
+                    row_index.append(i)
+                    token_index.append(token_id)
+        if not row_index:
+            return logits
+        index = (
+            torch.tensor(row_index, dtype=torch.long, device=self.device),
+            torch.tensor(token_index, dtype=torch.long, device=self.device),
+        )
+        return logits.index_put(index, torch.tensor(float("-inf"), device=self.device))
+
+    def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """Greedy rows take the argmax; the others are tempered, truncated and drawn. Returns [rows] ids."""
+        greedy = [row.params.temperature < _MIN_TEMPERATURE for row in rows]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+
+        # Greedy rows ride along with neutral settings; their draw is replaced by the argmax below.
+        neutral = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+        sampled_params = [neutral if g else row.params for row, g in zip(rows, greedy, strict=True)]
+        temperature = [p.temperature for p in sampled_params]
+        top_k = [p.top_k for p in sampled_params]
+        top_p = [p.top_p for p in sampled_params]
+        scaled = logits / torch.tensor(temperature, dtype=torch.float32, device=self.device).unsqueeze(1)
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            scaled = apply_top_k_top_p(
+                scaled,
+                torch.tensor(top_k, dtype=torch.long, device=self.device),
+                torch.tensor(top_p, dtype=torch.float64, device=self.device),
+            )
+        generators = [None if g else row.generator for row, g in zip(rows, greedy, strict=True)]
+        sampled = sample_from_probs(torch.softmax(scaled, dim=-1), self._uniforms(generators))
+        if any(greedy):
+            greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=self.device)
+            sampled = torch.where(greedy_mask, logits.argmax(dim=-1), sampled)
+        return sampled
+
+    def _uniforms(self, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+        """One U[0, 1) float64 per row: seeded rows from their own generator, the rest in one batched call."""
+        num_rows = len(generators)
+        seeded = [i for i, g in enumerate(generators) if g is not None]
+        if len(seeded) < num_rows:
+            uniforms = torch.rand(num_rows, dtype=torch.float64, device=self.device)
+        else:
+            uniforms = torch.empty(num_rows, dtype=torch.float64, device=self.device)
+        if seeded:
+            own = [
+                torch.rand(1, dtype=torch.float64, device=self.device, generator=generators[i])
+                for i in seeded
+            ]
+            index = torch.tensor(seeded, dtype=torch.long, device=self.device)
+            uniforms.index_copy_(0, index, torch.cat(own))
+        return uniforms
+
+
+def pad_token_ids(token_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
+    """Rows of ids → one [rows, longest] int64 tensor, right-padded with `pad_id` (at least one column)."""
+    max_len = max(1, max((len(ids) for ids in token_ids), default=0))
+    # array('q') packs the ids at C speed; a nested-list torch.tensor() is several times slower.
+    flat = array("q")
+    for ids in token_ids:
+        flat.extend(ids)
+        flat.extend(itertools.repeat(pad_id, max_len - len(ids)))
+    padded = torch.frombuffer(flat, dtype=torch.long).view(len(token_ids), max_len)
+    return padded.to(device=device, copy=True)  # the copy owns its memory; `flat` may go
+
+
+def token_counts(token_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """How often each vocabulary id occurs in each row of token_ids [rows, len]: [rows, vocab] int32.
+
+    Ids outside [0, vocab) (the padding included) land in a spare column that is dropped.
+    """
+    index = token_ids.clamp(0, vocab_size)
+    counts = torch.zeros(index.shape[0], vocab_size + 1, dtype=torch.int32, device=index.device)
+    counts.scatter_add_(1, index, torch.ones_like(index, dtype=torch.int32))
+    return counts[:, :vocab_size]
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, token_ids: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
+    """HF's repetition penalty: every id in a row's token_ids gets logit / p when logit > 0, else logit * p.
+
+    logits [rows, vocab] float; token_ids [rows, len] int64, ids outside [0, vocab) ignored (pad with
+    vocab); penalty [rows]. Costs O(rows × len), not O(rows × vocab). Returns a new tensor.
+    """
+    vocab_size = logits.shape[-1]
+    padded = F.pad(logits, (0, 1))  # [rows, vocab + 1]: the copy we write into; the spare column absorbs pads
+    index = token_ids.clamp(0, vocab_size)
+    seen = padded.gather(1, index)
+    factor = penalty.to(logits.dtype).unsqueeze(1)
+    # Repeated ids write the same value from the same source, so the scatter is deterministic.
+    padded.scatter_(1, index, torch.where(seen < 0, seen * factor, seen / factor))
+    return padded[:, :vocab_size]
+
+
+def apply_frequency_presence_penalty(
+    logits: torch.Tensor, counts: torch.Tensor, frequency: torch.Tensor, presence: torch.Tensor
+) -> torch.Tensor:
+    """OpenAI's penalties: logit - frequency × count - presence × [count > 0].
+
+    logits [rows, vocab] float, counts [rows, vocab] int (output tokens only), frequency/presence [rows].
+    """
+    penalty = frequency.unsqueeze(1) * counts.to(logits.dtype)
+    penalty = penalty + presence.unsqueeze(1) * (counts > 0).to(logits.dtype)
+    return logits - penalty
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, num_candidates: int = NUM_CANDIDATES
+) -> torch.Tensor:
+    """Set to -inf every logit outside each row's top-k, then outside its nucleus (smallest set of mass >= p).
+
+    logits [rows, vocab] float (already divided by the temperature); top_k [rows] long, <= 0 means off;
+    top_p [rows] float, 1 means off. Like transformers' TopK/TopPLogitsWarper applied in that order: ties
+    with the k-th logit are kept and top-p keeps at least one token. Rows whose kept set fits in their
+    top `num_candidates` logits are cut there (ties with the cutoff logit are kept); the rest are
+    sorted in full. Returns a new tensor.
+    """
+    vocab_size = logits.shape[-1]
+    candidates = logits.topk(min(num_candidates, vocab_size), dim=-1).values  # [rows, C], descending
+    cutoff, decided = _candidate_cutoffs(logits, candidates, top_k, top_p)
+    filtered = logits.masked_fill(logits < cutoff.unsqueeze(1), float("-inf"))
+    if not bool(decided.all()):
+        wide = (~decided).nonzero().squeeze(1)
+        filtered[wide] = _top_k_top_p_by_sort(logits[wide], top_k[wide], top_p[wide])
+    return filtered
+
+
+def _candidate_cutoffs(
+    logits: torch.Tensor, candidates: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's smallest kept logit, found among its top candidates [rows, C] (descending).
+
+    Returns (cutoff [rows], decided [rows] bool); where decided is False the kept set may reach past
+    the candidates and the cutoff is meaningless.
+    """
+    vocab_size = logits.shape[-1]
+    num_candidates = candidates.shape[-1]
+    k_on = top_k > 0
+    p_on = top_p < 1.0
+    k = torch.where(k_on, top_k.clamp(max=vocab_size), vocab_size)
+    kth = candidates.gather(1, (k.clamp(max=num_candidates) - 1).unsqueeze(1))  # [rows, 1]
+    survives_k = (candidates >= kth) | ~k_on.unsqueeze(1)  # a prefix of each row
+
+    # Top-p measures mass in the distribution left after top-k (transformers renormalises in between).
+    log_norm = torch.where(
+        k_on,
+        candidates.masked_fill(~survives_k, float("-inf")).logsumexp(dim=-1),
+        logits.logsumexp(dim=-1),
+    )
+    probs = (candidates.double() - log_norm.double().unsqueeze(1)).exp() * survives_k  # [rows, C]
+    mass_before = probs.cumsum(dim=-1) - probs
+    in_nucleus = (mass_before < top_p.unsqueeze(1)) | ~p_on.unsqueeze(1)
+    keep = survives_k & in_nucleus
+    keep[:, 0] = True  # the most likely token always stays
+    num_keep = keep.sum(dim=-1)
+    cutoff = candidates.gather(1, (num_keep - 1).unsqueeze(1)).squeeze(1)
+
+    # The kept set ends inside the candidates unless it fills them (it may continue past them), or
+    # top-k's survivors (ties included) reach past them: the renormalisation above then misses mass.
+    k_inside = ~k_on | ((k <= num_candidates) & ~survives_k[:, -1])
+    inside = (num_keep < num_candidates) & k_inside
+    decided = inside | (num_candidates == vocab_size) | ~(k_on | p_on)
+    cutoff = torch.where(k_on | p_on, cutoff, float("-inf"))
+    return cutoff, decided
+
+
+def _top_k_top_p_by_sort(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """apply_top_k_top_p by one full ascending sort per row, transformers' method. Returns a new tensor."""
+    vocab_size = logits.shape[-1]
+    sorted_logits, sorted_index = logits.sort(dim=-1)  # [rows, vocab], ascending
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab_size), vocab_size)
+    kth_largest = sorted_logits.gather(1, (vocab_size - k).unsqueeze(1))  # [rows, 1]
+    remove = sorted_logits < kth_largest
+
+    # Tokens whose ascending cumulative mass is <= 1 - p are outside the nucleus. The threshold is
+    # computed in float64 and then rounded, so it equals what transformers compares against.
+    cumulative = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1).cumsum(dim=-1)
+    threshold = (1.0 - top_p).to(cumulative.dtype).unsqueeze(1)
+    outside_nucleus = (cumulative <= threshold) & (top_p < 1.0).unsqueeze(1)
+    outside_nucleus[:, -1] = False  # the most likely token always stays
+    remove |= outside_nucleus
+
+    remove_unsorted = torch.empty_like(remove).scatter_(1, sorted_index, remove)
+    return logits.masked_fill(remove_unsorted, float("-inf"))
+
+
+def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Draw one id per row of probs [rows, vocab] by inverting its CDF at uniforms [rows] in [0, 1).
+
+    Rows need not be normalised. A zero-probability id is never returned. Returns [rows] int64.
+    """
+    cdf = probs.to(torch.float64).cumsum(dim=-1)  # [rows, vocab]; float64 so tail ids keep their width
+    total = cdf[:, -1:]
+    # u × total may round up to total; the largest float64 below it still selects a real token.
+    below_total = total.nextafter(torch.zeros_like(total))
+    target = torch.minimum(uniforms.to(torch.float64).unsqueeze(1) * total, below_total)  # [rows, 1]
+    # The first id whose CDF exceeds the target: cdf[i - 1] <= target < cdf[i], so probs[i] > 0.
+    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+
+
+def _gather_logprobs(
+    raw_logits: torch.Tensor, token_ids: torch.Tensor, params: Sequence[SamplingParams]
+) -> list[Logprobs | None]:
+    """(chosen logprob, top-n [(id, logprob)] sorted descending) for rows with logprobs set, else None."""
+    wanted = [i for i, p in enumerate(params) if p.logprobs is not None]
+    index = torch.tensor(wanted, dtype=torch.long, device=raw_logits.device)
+    logprobs = raw_logits.index_select(0, index).log_softmax(dim=-1)  # [wanted, vocab]
+    chosen = logprobs.gather(1, token_ids.index_select(0, index).unsqueeze(1)).squeeze(1).tolist()
+    max_top = min(max(params[i].logprobs or 0 for i in wanted), raw_logits.shape[-1])
+    top_values: list[list[float]] = [[] for _ in wanted]
+    top_ids: list[list[int]] = [[] for _ in wanted]
+    if max_top > 0:
+        values, ids = logprobs.topk(max_top, dim=-1)  # sorted descending
+        top_values, top_ids = values.tolist(), ids.tolist()
+
+    result: list[Logprobs | None] = [None] * len(params)
+    for j, i in enumerate(wanted):
+        n = params[i].logprobs or 0
+        result[i] = (chosen[j], list(zip(top_ids[j][:n], top_values[j][:n], strict=True)))
+    return result

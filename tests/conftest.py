@@ -1,0 +1,31 @@
+"""Shared fixtures: the tiny demo model (built once per session) and engine configs over it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.demo import DemoModel, DemoSpec, build_demo
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "chatmed"
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoModel:
+    return build_demo(DemoSpec.tiny(), cache_dir=tmp_path_factory.mktemp("demo-cache"))
+
+
+def engine_config(demo: DemoModel, **overrides: object) -> EngineConfig:
+    """An EngineConfig over the demo with both adapters and a small KV cache; overrides win."""
+    values: dict[str, object] = {
+        "model_path": demo.base_path,
+        "adapters": tuple(demo.adapters.items()),
+        "num_kv_blocks": 256,
+        "block_size": 16,
+        "max_num_seqs": 16,
+        "max_num_batched_tokens": 256,
+    }
+    values.update(overrides)
+    return EngineConfig(**values)  # type: ignore[arg-type]
