@@ -79,7 +79,7 @@ class AsyncEngine:
         self.core = EngineCore(config)
         self.tokenizer = self.core.tokenizer
         self.max_model_len = self.core.max_model_len
-        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, RequestStream] = {}
         self._num_pending = 0  # adds sent to the engine thread and not yet queued there
@@ -168,7 +168,7 @@ class AsyncEngine:
         await self._call(remove)
 
     # ---- the engine thread ----------------------------------------------------------------------------
-    def _send(self, command: Callable[[], None]) -> None:
+    def _send(self, command: Callable[[], object]) -> None:
         if self.is_dead:
             raise EngineDead("the engine is not running")
         self._inbox.put(command)
@@ -188,7 +188,7 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_settle, future, result, None)
 
         self._send(command)
-        return await future  # type: ignore[no-any-return]
+        return await future
 
     def _add(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str | None

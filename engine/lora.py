@@ -16,6 +16,7 @@ import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -58,7 +59,10 @@ def read_adapter(name: str, path: Path, args: LlamaArgs, max_rank: int, dtype: t
     do not match the base.
     """
     config = _read_config(path)
-    r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    try:
+        r, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+    except (TypeError, ValueError) as e:
+        raise AdapterError("adapter_config.json has a non-numeric r or lora_alpha") from e
     if not 1 <= r <= max_rank:
         raise AdapterError(f"adapter rank {r} is outside 1..{max_rank} (max_lora_rank)")
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
@@ -78,7 +82,7 @@ def read_adapter(name: str, path: Path, args: LlamaArgs, max_rank: int, dtype: t
     return LoraAdapter(name, path, max(ranks), targets, weights)
 
 
-def _read_config(path: Path) -> dict[str, object]:
+def _read_config(path: Path) -> dict[str, Any]:
     config_file = path / "adapter_config.json"
     if not config_file.is_file():
         raise AdapterError("adapter folder has no adapter_config.json")

@@ -141,6 +141,9 @@ class RMSNorm(nn.Module):
 class Rotary(nn.Module):
     """Rotary embeddings in HF's rotate-half layout, cos/sin cached for every position."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, head_dim: int, theta: float, max_len: int) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))

@@ -1,0 +1,170 @@
+"""AsyncEngine: the engine thread behind asyncio — streaming, aborts, failures, a dead engine, adapters."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from engine import CHATMED_TEMPLATE, AsyncEngine, EngineCore, SamplingParams
+from engine.demo import DemoModel
+from engine.errors import AdapterExists, AdapterInUse, EngineDead, QueueFull, RequestFailed, UnknownAdapter
+from engine.types import RequestOutput
+from tests.conftest import engine_config
+
+GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def reference(demo: DemoModel) -> EngineCore:
+    """A separate synchronous engine for expected outputs (the async engine's core is its thread's alone)."""
+    return EngineCore(engine_config(demo))
+
+
+@pytest.fixture
+async def engine(demo: DemoModel) -> AsyncIterator[AsyncEngine]:
+    eng = AsyncEngine(engine_config(demo))
+    eng.start()
+    yield eng
+    eng.shutdown()
+
+
+def _prompt(engine: AsyncEngine, question: str) -> list[int]:
+    return engine.tokenizer.encode_chat([{"role": "user", "content": question}], CHATMED_TEMPLATE)
+
+
+async def _collect(
+    engine: AsyncEngine, rid: str, prompt: list[int], params: SamplingParams, adapter: str | None
+) -> list[RequestOutput]:
+    stream = engine.generate(rid, prompt, params, adapter)
+    try:
+        return [out async for out in stream]
+    finally:
+        await stream.aclose()
+
+
+async def _wait_until_idle(engine: AsyncEngine) -> None:
+    for _ in range(200):
+        s = engine.stats()
+        if s.num_running == 0 and s.num_waiting == 0:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("engine did not become idle")
+
+
+async def test_streams_equal_the_synchronous_engine(engine: AsyncEngine, reference: EngineCore) -> None:
+    questions = ["头痛发热三天，应该吃什么药？", "黄芪的功效是什么？", "孩子咳嗽一周了怎么办？"]
+    adapters: list[str | None] = ["chatmed-consult", "chatmed-tcm", None]
+    prompts = [_prompt(engine, q) for q in questions]
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                _collect(engine, f"r{i}", p, GREEDY, a)
+                for i, (p, a) in enumerate(zip(prompts, adapters, strict=True))
+            )
+        ),
+        TIMEOUT_S,
+    )
+    for outs, prompt, adapter in zip(results, prompts, adapters, strict=True):
+        assert outs[-1].finished and all(not o.finished for o in outs[:-1])
+        ids = [t for o in outs for t in o.token_ids]
+        expected = reference.generate([prompt], GREEDY, [adapter])[0]
+        assert ids == expected.token_ids
+        assert "".join(o.text for o in outs) == expected.text
+
+
+async def test_closing_a_stream_aborts_and_frees_blocks(engine: AsyncEngine) -> None:
+    prompt = _prompt(engine, "失眠多梦怎么办？")
+    stream = engine.generate("leaver", prompt, SamplingParams(max_tokens=200, ignore_eos=True), None)
+    first = await asyncio.wait_for(stream.__anext__(), TIMEOUT_S)
+    assert not first.finished
+    await stream.aclose()
+    await _wait_until_idle(engine)
+    stats = engine.stats()
+    assert stats.num_free_blocks == stats.num_total_blocks
+
+
+async def test_one_failing_request_fails_alone(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    original = engine.core._advance
+
+    def faulty(req, token_id, now):  # type: ignore[no-untyped-def]
+        if req.seq.request_id == "victim":
+            raise RuntimeError("injected fault")
+        return original(req, token_id, now)
+
+    monkeypatch.setattr(engine.core, "_advance", faulty)
+    prompt = _prompt(engine, "胃痛怎么办？")
+    victim = asyncio.create_task(_collect(engine, "victim", prompt, GREEDY, "chatmed-tcm"))
+    bystander = asyncio.create_task(_collect(engine, "bystander", prompt, GREEDY, "chatmed-tcm"))
+    with pytest.raises(RequestFailed):
+        await asyncio.wait_for(victim, TIMEOUT_S)
+    outs = await asyncio.wait_for(bystander, TIMEOUT_S)
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == GREEDY.max_tokens
+    assert not engine.is_dead
+    await _wait_until_idle(engine)
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
+async def test_a_dead_engine_ends_every_stream(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list[RequestOutput]:
+        raise RuntimeError("injected engine fault")
+
+    monkeypatch.setattr(engine.core, "step", broken)
+    prompt = _prompt(engine, "胃痛怎么办？")
+    streams = [engine.generate(f"s{i}", prompt, GREEDY, None) for i in range(3)]
+    for stream in streams:
+        with pytest.raises(EngineDead):
+            await asyncio.wait_for(stream.__anext__(), TIMEOUT_S)
+    assert engine.is_dead
+    with pytest.raises(EngineDead):
+        engine.generate("late", prompt, GREEDY, None)
+
+
+async def test_queue_limit_refuses_at_once(demo: DemoModel) -> None:
+    eng = AsyncEngine(engine_config(demo, max_queued_requests=2))  # not started: nothing drains the queue
+    prompt = _prompt(eng, "头痛")
+    eng.generate("a", prompt, GREEDY, None)
+    eng.generate("b", prompt, GREEDY, None)
+    with pytest.raises(QueueFull):
+        eng.check_capacity()
+    with pytest.raises(QueueFull):
+        eng.generate("c", prompt, GREEDY, None)
+
+
+async def test_adapters_are_added_and_removed_while_running(
+    engine: AsyncEngine, demo: DemoModel, reference: EngineCore
+) -> None:
+    prompt = _prompt(engine, "黄芪的功效是什么？")
+    expected = reference.generate([prompt], GREEDY, ["chatmed-tcm"])[0].token_ids
+    await engine.add_adapter("tcm-copy", demo.adapters["chatmed-tcm"])
+    assert engine.adapters()["tcm-copy"] == demo.adapters["chatmed-tcm"]
+    with pytest.raises(AdapterExists):
+        await engine.add_adapter("tcm-copy", demo.adapters["chatmed-tcm"])
+    outs = await asyncio.wait_for(_collect(engine, "copy", prompt, GREEDY, "tcm-copy"), TIMEOUT_S)
+    assert [t for o in outs for t in o.token_ids] == expected
+    long_running = engine.generate(
+        "busy", prompt, SamplingParams(max_tokens=100, ignore_eos=True), "tcm-copy"
+    )
+    await asyncio.wait_for(long_running.__anext__(), TIMEOUT_S)
+    with pytest.raises(AdapterInUse):
+        await engine.remove_adapter("tcm-copy")
+    await long_running.aclose()
+    await _wait_until_idle(engine)
+    await engine.remove_adapter("tcm-copy")
+    assert "tcm-copy" not in engine.adapters()
+    with pytest.raises(UnknownAdapter):
+        engine.generate("gone", prompt, GREEDY, "tcm-copy")
+
+
+def test_engine_imports_nothing_web_related() -> None:
+    code = (
+        "import sys, engine\n"
+        "web = {'fastapi', 'starlette', 'pydantic', 'uvicorn', 'sse_starlette'}\n"
+        "loaded = sorted(web & {m.split('.')[0] for m in sys.modules})\n"
+        "assert not loaded, loaded\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
