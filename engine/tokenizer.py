@@ -113,6 +113,13 @@ class Tokenizer:
         self._env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         self._env.globals["raise_exception"] = _raise_exception
         self._templates: dict[str, jinja2.Template] = {}
+        logger.debug(
+            "tokenizer: %d tokens, %d special, %d byte-fallback, own chat template: %s",
+            self.vocab_size,
+            len(self.special_ids),
+            len(self.byte_ids),
+            self.chat_template is not None,
+        )
 
     def _own_template(self) -> str | None:
         template = getattr(self._tok, "chat_template", None)

@@ -3,6 +3,7 @@ UTF-8-safe streaming detokenization and stop strings."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -54,7 +55,6 @@ def test_special_ids_and_vocab(tok: Tokenizer, demo: DemoModel) -> None:
     assert tok.vocab_size == len(hf)
     assert {0, 1, 2} <= tok.special_ids
     assert len(tok.byte_ids) == 256
-    assert tok.chat_template is None
 
 
 def test_encode_adds_bos_once(tok: Tokenizer) -> None:
@@ -82,8 +82,9 @@ def test_alphabet_reaches_byte_fallback(tok: Tokenizer, byte_id: dict[int, int])
 def test_token_text(tok: Tokenizer, byte_id: dict[int, int]) -> None:
     assert tok.token_text(byte_id[0xE4]) == "<0xE4>"
     assert tok.token_text(2) == "</s>"
-    (the,) = tok.encode(" the", add_bos=False)[-1:]
-    assert tok.token_text(the) == " the"  # decode([the]) alone would give "the"
+    ids = tok.encode("hello world", add_bos=False)
+    # Each piece shows its own spaces, the first one's included (decode() alone would strip it).
+    assert "".join(tok.token_text(i) for i in ids) == " hello world"
     (pain,) = tok.encode("头痛", add_bos=False)[-1:]
     assert tok.token_text(pain) == "头痛"
     assert tok.token_text(tok.vocab_size) == ""
@@ -170,7 +171,7 @@ def test_template_from_the_model_folder(demo: DemoModel, tmp_path: Path) -> None
     hf.chat_template = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
     hf.save_pretrained(tmp_path)
     own = Tokenizer(tmp_path)
-    assert own.chat_template == hf.chat_template
+    assert own.chat_template is not None and own.chat_template == hf.chat_template
     assert own.render_chat([user("q")], own.chat_template) == "[user]q"
 
 
@@ -237,7 +238,7 @@ def test_special_and_unknown_ids_inside_a_run(tok: Tokenizer, byte_id: dict[int,
     e4, b8, ad = (byte_id[b] for b in "中".encode())
     assert tok.decode([e4, 1, b8, 0, ad]) == "中"
     deltas = check_stream(tok, [e4, 1, b8, tok.vocab_size + 5, ad, *tok.encode("a b", add_bos=False)])
-    assert "".join(deltas) == "中a b"
+    assert "".join(deltas) == "中 a b"
 
 
 def test_window_stays_small(tok: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -275,7 +276,8 @@ def test_streamed_text_equals_decode(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text, add_bos=False)
     check_stream(tok, ids)
     if "<" not in text and "▁" not in text:  # no special-token strings or metaspace: exact round trip
-        assert tok.decode(ids) == text
+        # (after a first character, as a leading space may or may not survive, depending on the tokenizer)
+        assert tok.decode(tok.encode("x" + text)) == "x" + text
 
 
 @PROPERTY
@@ -329,7 +331,7 @@ def run_stops(stops: Sequence[str], deltas: Sequence[str]) -> tuple[str, str | N
 
 def split(text: str, cuts: Sequence[int]) -> list[str]:
     bounds = [0, *sorted(c % (len(text) + 1) for c in cuts), len(text)]
-    return [text[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def test_stop_string_is_cut_with_everything_after() -> None:
