@@ -88,6 +88,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._dead: BaseException | None = None
+        self._reads: dict[str, asyncio.Task[None]] = {}  # adapters being read back into host memory
 
     # ---- lifecycle ----------------------------------------------------------------------------------
     def start(self) -> None:
@@ -130,8 +131,41 @@ class AsyncEngine:
         self._streams[request_id] = stream
         with self._pending_lock:
             self._num_pending += 1
-        self._send(lambda: self._add(request_id, prompt_ids, params, adapter))
+        if adapter is not None and adapter not in self.core.loras.host:
+            # Evicted from host memory: read it back off the engine thread, then queue the request.
+            asyncio.get_running_loop().create_task(
+                self._add_after_read(request_id, prompt_ids, params, adapter)
+            )
+        else:
+            self._send(lambda: self._add(request_id, prompt_ids, params, adapter))
         return stream
+
+    async def _add_after_read(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams, adapter: str
+    ) -> None:
+        try:
+            await self._read_into_host(adapter)
+            self._send(lambda: self._add(request_id, prompt_ids, params, adapter))
+        except Exception as e:
+            with self._pending_lock:
+                self._num_pending -= 1
+            self._dispatch([], [(request_id, e)])
+
+    async def _read_into_host(self, name: str) -> None:
+        """Read a served adapter back into host memory; concurrent callers share one read."""
+        task = self._reads.get(name)
+        if task is None:
+            path = self.core.loras.paths[name]
+
+            async def read() -> None:
+                try:
+                    adapter = await asyncio.to_thread(self.core.read_adapter, name, path)
+                    await self._call(lambda: self.core.add_adapter(adapter))
+                finally:
+                    self._reads.pop(name, None)
+
+            task = self._reads[name] = asyncio.get_running_loop().create_task(read())
+        await asyncio.shield(task)
 
     def abort(self, request_id: str) -> None:
         self._streams.pop(request_id, None)
@@ -142,11 +176,12 @@ class AsyncEngine:
 
     # ---- adapters -----------------------------------------------------------------------------------
     def adapters(self) -> dict[str, Path]:
-        return {name: a.path for name, a in list(self.core.loras.host.items())}
+        """Every served adapter, name -> folder (whether or not it is in memory right now)."""
+        return dict(self.core.loras.paths)
 
     async def add_adapter(self, name: str, path: Path, *, replace: bool = False) -> None:
         """Read and validate off the engine thread (running streams keep their pace), then publish."""
-        if name in self.core.loras.host and not replace:
+        if name in self.core.loras.paths and not replace:
             raise AdapterExists(f"an adapter named {name!r} is already loaded", param="lora_name")
         adapter = await asyncio.to_thread(self.core.read_adapter, name, path)
 
@@ -159,7 +194,7 @@ class AsyncEngine:
 
     async def remove_adapter(self, name: str) -> None:
         def remove() -> None:
-            if name not in self.core.loras.host:
+            if name not in self.core.loras.paths:
                 raise UnknownAdapter(f"the adapter {name!r} does not exist", param="lora_name")
             if self.core.adapter_in_use(name):
                 raise AdapterInUse(f"adapter {name!r} has requests in flight; retry when they finish")

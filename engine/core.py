@@ -66,7 +66,7 @@ class EngineCore:
         shape = KVCacheShape(a.num_layers, a.num_kv_heads, a.head_dim, config.block_size)
         num_blocks = config.num_kv_blocks or shape.blocks_for_budget(config.kv_cache_bytes, self.dtype)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.loras = LoraSlots(config.max_loras, self.device, self.dtype)
+        self.loras = LoraSlots(config.max_loras, config.max_cpu_loras, self.device, self.dtype)
         self.scheduler = Scheduler(
             self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.loras.can_join
         )
@@ -94,7 +94,17 @@ class EngineCore:
         return read_adapter(name, path, self.model_args, self.config.max_lora_rank, self.dtype)
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
-        self.loras.add(adapter)
+        """Serve a read adapter, replacing one of the same name."""
+        self.loras.add(adapter, self._adapters_in_use())
+
+    def _adapters_in_use(self) -> set[str]:
+        return {r.seq.adapter for r in self.requests.values() if r.seq.adapter}
+
+    def _finish(self, req: _Request) -> None:
+        self.requests.pop(req.seq.request_id, None)
+        self.scheduler.finish(req.seq)
+        if len(self.loras.host) > self.loras.max_cpu_loras:
+            self.loras.trim(self._adapters_in_use())
 
     def remove_adapter(self, name: str) -> None:
         self.loras.remove(name)
@@ -118,6 +128,10 @@ class EngineCore:
         """Validate and queue a request. Raises InvalidRequest, PromptTooLong, UnknownAdapter, QueueFull."""
         self._validate(request_id, prompt_ids, params, adapter)
         self.check_capacity()
+        if adapter is not None:
+            if adapter not in self.loras.host:  # the async engine reads it beforehand, off this thread
+                self.add_adapter(self.read_adapter(adapter, self.loras.paths[adapter]))
+            self.loras.touch(adapter)
         seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), adapter)
         generator = None if params.seed is None else Sampler.make_generator(params.seed, self.device)
         self.requests[request_id] = _Request(
@@ -140,7 +154,7 @@ class EngineCore:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.model_args.vocab_size:
             raise InvalidRequest("the prompt holds token ids outside the vocabulary", param="prompt")
-        if adapter is not None and adapter not in self.loras.host:
+        if adapter is not None and adapter not in self.loras.paths:
             raise UnknownAdapter(f"the adapter {adapter!r} does not exist", param="model")
         n, limit = len(prompt_ids), self.max_model_len
         if n >= limit:
@@ -158,10 +172,10 @@ class EngineCore:
 
     def abort(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks. False if it was not (or no longer) known."""
-        req = self.requests.pop(request_id, None)
+        req = self.requests.get(request_id)
         if req is None:
             return False
-        self.scheduler.finish(req.seq)
+        self._finish(req)
         return True
 
     def has_unfinished(self) -> bool:
@@ -209,8 +223,7 @@ class EngineCore:
                 continue
             outputs.append(out)
             if out.finished:
-                self.requests.pop(req.seq.request_id, None)
-                self.scheduler.finish(req.seq)
+                self._finish(req)
         return outputs
 
     def _advance(self, req: _Request, token_id: int, now: float) -> RequestOutput:

@@ -11,6 +11,7 @@ a folder with the final name is always whole and is reused as it is.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -18,7 +19,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,7 +42,8 @@ DEMO_LORA_ALPHA = 32
 UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
 SPACE = "▁"  # SentencePiece's stand-in for a space
 
-_INIT_STD = 0.02
+_EMBED_STD = 1.0
+_LM_HEAD_GAIN = 2.0
 # Each LoRA delta is about this fraction of its base projection's output: big enough to move the logits
 # clearly, small enough that the adapted model is as sane as the base.
 _LORA_STRENGTH = 0.3
@@ -184,7 +186,6 @@ def _build_base(folder: Path, spec: DemoSpec) -> None:
         rms_norm_eps=spec.rms_norm_eps,
         tie_word_embeddings=spec.tie_word_embeddings,
         hidden_act="silu",
-        initializer_range=_INIT_STD,
         bos_token_id=vocab[BOS],
         eos_token_id=vocab[EOS],
         pad_token_id=vocab[PAD],
@@ -194,20 +195,48 @@ def _build_base(folder: Path, spec: DemoSpec) -> None:
     with torch.random.fork_rng(devices=[]):
         model = LlamaForCausalLM(config)
     _randomize_base(model, spec.seed)
-    model.save_pretrained(folder)
+    with _quiet_progress():
+        model.save_pretrained(folder)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide transformers' progress bars (the demo build prints nothing), then restore the setting."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _randomize_base(model: PreTrainedModel, seed: int) -> None:
-    """Seeded normal weights (norms at one), drawn in parameter order from a private generator."""
+    """Seeded normal weights drawn in parameter order from a private generator; norms at one.
+
+    Unit-gain scales (std 1/sqrt(fan_in), embeddings at std 1) rather than the usual 0.02: each projection
+    keeps its input's size, so attention is sharp enough for the context to matter and the current token
+    stays visible in the residual stream. At 0.02 a random model of the default size greedily repeats one
+    token. lm_head's gain of 2 gives logits of std ~2: a distribution with a clear top, so that sampling
+    parameters make a difference.
+    """
     import torch
 
+    tied = bool(model.config.tie_word_embeddings)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) * _INIT_STD)
+                continue
+            if name.endswith("embed_tokens.weight") and not tied:
+                std = _EMBED_STD
+            else:  # a projection [out, in]; a tied embedding is scaled as the lm_head it also is
+                gain = _LM_HEAD_GAIN if tied or name.startswith("lm_head") else 1.0
+                std = gain / math.sqrt(param.shape[1])
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def make_adapter(
@@ -241,12 +270,17 @@ def make_adapter(
         use_rslora=use_rslora,
         init_lora_weights=False,
     )
-    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    with _quiet_progress():
+        model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     with torch.random.fork_rng(devices=[]):
         peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path or str(base_path)
     _randomize_lora(peft_model, seed)
-    peft_model.save_pretrained(str(out_dir), safe_serialization=safe_serialization)
+    # No embedding layer is ever targeted; "auto" would look the base up by name (on the Hub, if the
+    # path does not exist yet, as while the demo is staged).
+    peft_model.save_pretrained(
+        str(out_dir), safe_serialization=safe_serialization, save_embedding_layers=False
+    )
     return out_dir
 
 
@@ -273,37 +307,43 @@ def _randomize_lora(model: PeftModel, seed: int) -> None:
 
 
 def build_tokenizer(folder: Path, model_max_length: int = 2048) -> None:
-    """Write a LLaMA-style tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
+    """Write a LLaMA-style tokenizer: tokenizer.json, tokenizer_config.json, special_tokens_map.json.
 
     BPE with byte fallback: `<unk>`=0, `<s>`=1, `</s>`=2, `<0x00>`..`<0xFF>`=3..258, `<pad>` last. ASCII,
     some English subwords and a few thousand hanzi are pieces; any other character is spelled in UTF-8
     byte tokens. `AutoTokenizer` adds one BOS by default, and `<s>` written in text is the BOS token.
     """
-    from transformers import PreTrainedTokenizerFast
+    folder.mkdir(parents=True, exist_ok=True)
+    _tokenizer_object().save(str(folder / "tokenizer.json"))
+    specials = {"bos_token": BOS, "eos_token": EOS, "unk_token": UNK, "pad_token": PAD}
+    config = {
+        # Not LlamaTokenizer(Fast): transformers 5 rebuilds that class's pipeline from the vocab and would
+        # drop the normalizer below; the generic class loads tokenizer.json exactly as written.
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    _write_json(folder / "tokenizer_config.json", config)
+    _write_json(folder / "special_tokens_map.json", specials)
 
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_tokenizer_object(),
-        bos_token=BOS,
-        eos_token=EOS,
-        unk_token=UNK,
-        pad_token=PAD,
-        add_bos_token=True,
-        add_eos_token=False,
-        clean_up_tokenization_spaces=False,
-        model_max_length=model_max_length,
-    )
-    tokenizer.save_pretrained(folder)
+
+def _write_json(path: Path, value: Mapping[str, object]) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def _tokenizer_object() -> Tokenizer:
-    from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, normalizers, processors
     from tokenizers.models import BPE
 
     vocab, merges = _vocab_and_merges()
     tokenizer = Tokenizer(BPE(vocab=vocab, merges=merges, unk_token=UNK, fuse_unk=True, byte_fallback=True))
-    # Spaces become ▁ and the text gets one leading ▁, as SentencePiece does; "first" adds it only at the
-    # very start, so "<s>问" has no ▁ after the BOS (the non-legacy LLaMA behaviour).
-    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="first", split=False)
+    # Spaces become ▁ and each run of text between special tokens gets one leading ▁, as SentencePiece's
+    # dummy prefix does (the "legacy" LLaMA tokenizer that ChatMed was trained with). Prepend, unlike
+    # Metaspace, adds it even before a leading space, so the decoder's Strip gives the text back exactly.
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), normalizers.Replace(" ", SPACE)])
     tokenizer.decoder = decoders.Sequence(
         [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
@@ -336,7 +376,7 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 
 def _hanzi() -> list[str]:
-    chars = dict.fromkeys(_COMMON_HANZI + _MEDICAL_HANZI + _CHINESE_WORDS.replace(" ", ""))
+    chars = dict.fromkeys(_COMMON_HANZI + _MEDICAL_HANZI + "".join(_CHINESE_WORDS.split()))
     for code in range(_CJK_FIRST, _CJK_LAST + 1, _HANZI_FILL_STRIDE):
         if len(chars) >= _NUM_HANZI:
             break

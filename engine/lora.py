@@ -178,23 +178,47 @@ def _fuse(
 
 
 class LoraSlots:
-    """Adapters known to the engine (host copies) and the few resident on the device (at most max_loras,
-    least recently used evicted first, never one that the running batch uses). Engine thread only."""
+    """Where adapters live. Three tiers, each a superset of the next:
+    - `paths`: every adapter served (name -> folder), however many;
+    - `host`: adapters read into host memory, at most max_cpu_loras, least recently used evicted first
+      (an evicted adapter stays served and is read again when a request needs it);
+    - `resident`: adapters on the device, at most max_loras, never evicting one the running batch uses.
+    Engine thread only."""
 
-    def __init__(self, max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, max_loras: int, max_cpu_loras: int, device: torch.device, dtype: torch.dtype) -> None:
         self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
         self.device = device
         self.dtype = dtype
-        self.host: dict[str, LoraAdapter] = {}
+        self.paths: dict[str, Path] = {}
+        self.host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.resident: OrderedDict[str, LoraAdapter] = OrderedDict()
 
-    def add(self, adapter: LoraAdapter) -> None:
+    def add(self, adapter: LoraAdapter, in_use: set[str]) -> None:
+        """Serve `adapter` (replacing one of the same name), evicting idle host copies beyond the limit."""
         self.remove(adapter.name)
+        self.paths[adapter.name] = adapter.path
         self.host[adapter.name] = adapter
+        self.trim(in_use | {adapter.name})
+
+    def trim(self, in_use: set[str]) -> None:
+        """Evict least recently used host copies beyond max_cpu_loras, sparing those in `in_use`.
+        While every copy is in use the limit is exceeded; the next trim brings it back."""
+        idle = [n for n in self.host if n not in in_use]
+        while len(self.host) > self.max_cpu_loras and idle:
+            victim = idle.pop(0)
+            del self.host[victim]
+            self.resident.pop(victim, None)
+            logger.info("adapter %s evicted from host memory (max_cpu_loras %d)", victim, self.max_cpu_loras)
 
     def remove(self, name: str) -> None:
+        self.paths.pop(name, None)
         self.host.pop(name, None)
         self.resident.pop(name, None)
+
+    def touch(self, name: str) -> None:
+        if name in self.host:
+            self.host.move_to_end(name)
 
     def can_join(self, adapter: str | None, active: set[str]) -> bool:
         """A sequence may join the running set if its adapter fits within max_loras distinct adapters."""
@@ -217,12 +241,7 @@ class LoraSlots:
         while len(self.resident) >= self.max_loras:
             victim = next(n for n in self.resident if n not in active)
             del self.resident[victim]
-            logger.debug("evicted adapter %s from the device", victim)
-        host = self.host[name]
-        adapter = host if host.weights and self._on_device(host) else host.to(self.device, self.dtype)
+            logger.debug("adapter %s evicted from the device", victim)
+        adapter = self.host[name].to(self.device, self.dtype)  # no copy when already there
         self.resident[name] = adapter
         return adapter
-
-    def _on_device(self, adapter: LoraAdapter) -> bool:
-        a, _ = next(iter(adapter.weights[0].values())) if adapter.weights[0] else (None, None)
-        return a is not None and a.device == self.device and a.dtype == self.dtype

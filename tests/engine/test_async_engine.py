@@ -168,3 +168,25 @@ def test_engine_imports_nothing_web_related() -> None:
         "assert not loaded, loaded\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+async def test_evicted_adapters_are_read_back_and_never_mixed(demo: DemoModel, reference: EngineCore) -> None:
+    eng = AsyncEngine(engine_config(demo, max_loras=1, max_cpu_loras=1))
+    eng.start()
+    try:
+        await eng.add_adapter("tcm-copy", demo.adapters["chatmed-tcm"])
+        prompt = _prompt(eng, "黄芪的功效是什么？")
+        names: list[str | None] = ["chatmed-consult", "chatmed-tcm", "tcm-copy", None] * 2
+        results = await asyncio.wait_for(
+            asyncio.gather(*(_collect(eng, f"e{i}", prompt, GREEDY, n) for i, n in enumerate(names))),
+            TIMEOUT_S,
+        )
+        expected = {
+            n: reference.generate([prompt], GREEDY, ["chatmed-tcm" if n == "tcm-copy" else n])[0]
+            for n in set(names)
+        }
+        for name, outs in zip(names, results, strict=True):
+            assert [t for o in outs for t in o.token_ids] == expected[name].token_ids
+        assert len(eng.core.loras.host) == 1
+    finally:
+        eng.shutdown()

@@ -165,3 +165,14 @@ def test_bad_requests_are_refused_before_queueing(core: EngineCore) -> None:
         core.add_request("e4", prompt, SamplingParams(max_tokens=core.max_model_len))
     assert info.value.param == "max_tokens"
     assert not core.has_unfinished()
+
+
+def test_one_device_slot_still_serves_every_adapter_correctly(demo: DemoModel, core: EngineCore) -> None:
+    prompts = _prompts(core)
+    adapters = _adapters(len(prompts))
+    reference = core.generate(prompts, GREEDY, adapters)
+    narrow = EngineCore(engine_config(demo, max_loras=1, max_cpu_loras=1))
+    outs = narrow.generate(prompts, GREEDY, adapters)
+    assert [o.token_ids for o in outs] == [r.token_ids for r in reference]
+    assert len(narrow.loras.resident) == 1
+    assert set(narrow.loras.paths) == {"chatmed-consult", "chatmed-tcm"}

@@ -23,7 +23,9 @@ from engine.sampler import (
     apply_top_k_top_p,
     pad_token_ids,
     sample_from_probs,
+    sample_truncated,
     token_counts,
+    truncate,
 )
 from engine.types import SamplingParams
 
@@ -64,9 +66,11 @@ def _random_logits(num_rows: int, seed: int, vocab: int = VOCAB) -> torch.Tensor
 
 def test_greedy_is_argmax(sampler: Sampler) -> None:
     logits = _random_logits(6, seed=0)
+    logits[5, 7] = logits[5, 9] = logits[5].max() + 1  # a tie takes the lower id, as argmax does
     rows = [_row(SamplingParams(temperature=0.0)) for _ in range(6)]
     result = sampler.sample(logits, rows)
     assert result.token_ids == logits.argmax(dim=-1).tolist()
+    assert result.token_ids[5] == 7
     assert result.logprobs == [None] * 6
 
 
@@ -182,9 +186,9 @@ def test_seeded_rows_draw_from_the_same_distribution() -> None:
 
 
 def test_sample_from_probs_inverts_the_cdf() -> None:
-    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(6, 5)
-    uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1.0 - 2**-53, 0.5], dtype=torch.float64)
-    assert sample_from_probs(probs, uniforms).tolist() == [1, 1, 3, 3, 3, 3]
+    probs = torch.tensor([[0.0, 0.25, 0.0, 0.75, 0.0]]).expand(7, 5)
+    uniforms = torch.tensor([0.0, 0.2499, 0.25, 0.9, 1.0 - 2**-53, 1.0, 0.5], dtype=torch.float64)
+    assert sample_from_probs(probs, uniforms).tolist() == [1, 1, 3, 3, 3, 3, 3]
     unnormalised = torch.tensor([[2.0, 0.0, 6.0]])
     assert sample_from_probs(unnormalised, torch.tensor([0.2])).tolist() == [0]
     assert sample_from_probs(unnormalised, torch.tensor([0.3])).tolist() == [2]
@@ -201,6 +205,25 @@ def test_temperature_and_top_k_sample_the_renormalised_top_k() -> None:
     expected[top3] = torch.softmax(_SMALL_LOGITS[top3] / 0.7, dim=-1)
     assert set(torch.nonzero(observed).flatten().tolist()) == set(top3.tolist())
     assert (observed - expected).abs().max().item() < 0.02
+
+
+def test_both_truncated_draw_paths_sample_the_kept_distribution() -> None:
+    """With 3 candidates, top_k=2 rows draw among candidates, top_p=0.8 rows (4 tokens) over the vocab."""
+    vocab, half = _SMALL_LOGITS.numel(), _NUM_DRAWS // 2
+    logits = _SMALL_LOGITS.expand(2 * half, vocab)
+    top_k = torch.tensor([2] * half + [0] * half)
+    top_p = torch.tensor([1.0] * half + [0.8] * half, dtype=torch.float64)
+    kept = truncate(logits, logits.softmax(dim=-1), top_k, top_p, candidate_tiers=(3,))
+    assert kept.narrow == [True] * half + [False] * half
+    drawn = sample_truncated(logits, logits.softmax(dim=-1), kept, torch.rand(2 * half, dtype=torch.float64))
+    for rows, k, p in ((slice(0, half), 2, 1.0), (slice(half, None), 0, 0.8)):
+        filtered = apply_top_k_top_p(
+            _SMALL_LOGITS.unsqueeze(0), torch.tensor([k]), torch.tensor([p], dtype=torch.float64), (vocab,)
+        )
+        expected = torch.softmax(filtered[0], dim=-1)
+        observed = _frequencies(drawn[rows].tolist(), vocab)
+        assert set(observed.nonzero().flatten().tolist()) == set(expected.nonzero().flatten().tolist())
+        assert (observed - expected).abs().max().item() < 0.02
 
 
 def test_top_k_two_only_yields_the_top_two(sampler: Sampler) -> None:
@@ -221,8 +244,10 @@ _NUCLEUS_PROBS = torch.tensor([0.15, 0.5, 0.05, 0.3])
 )
 def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, kept: set[int]) -> None:
     logits = _NUCLEUS_PROBS.log().unsqueeze(0)
-    filtered = apply_top_k_top_p(logits, torch.tensor([0]), torch.tensor([top_p], dtype=torch.float64))
-    assert set(torch.isfinite(filtered[0]).nonzero().flatten().tolist()) == kept
+    for tiers in ((1,), (4,)):  # by a sort, among the candidates
+        p = torch.tensor([top_p], dtype=torch.float64)
+        filtered = apply_top_k_top_p(logits, torch.tensor([0]), p, tiers)
+        assert set(torch.isfinite(filtered[0]).nonzero().flatten().tolist()) == kept
     sampler = Sampler(vocab_size=4, eos_token_id=3, device=CPU)
     rows = [_row(SamplingParams(top_p=top_p))] * 3000
     drawn = set(sampler.sample(logits.expand(3000, 4), rows).token_ids)
@@ -266,18 +291,22 @@ def test_sampler_repetition_penalty_covers_prompt_and_output_like_transformers(
     torch.testing.assert_close(captured[0][1:], logits[1:], rtol=0, atol=0)  # penalty 1.0 touches nothing
 
 
+# Candidate tiers that force each path: all sorted, tier 2 then sort, narrow then sort, all narrow.
+_TIERS = [(1,), (1, 8), (8,), (VOCAB,)]
+
+
 @pytest.mark.parametrize(
     ("temperature", "top_k", "top_p"),
     [(1.0, 5, 1.0), (0.7, 0, 0.9), (1.3, 10, 0.8), (0.5, 1, 0.5), (1.0, 100, 0.3), (2.0, 3, 0.99)],
 )
-@pytest.mark.parametrize("num_candidates", [1, 8, VOCAB])  # all sorted, mixed, none sorted
+@pytest.mark.parametrize("tiers", _TIERS)
 def test_temperature_top_k_top_p_match_transformers(
-    temperature: float, top_k: int, top_p: float, num_candidates: int
+    temperature: float, top_k: int, top_p: float, tiers: tuple[int, ...]
 ) -> None:
     logits = _random_logits(8, seed=int(temperature * 10) + top_k)
     scaled = logits / torch.full((8, 1), temperature)
     ours = apply_top_k_top_p(
-        scaled, torch.full((8,), top_k), torch.full((8,), top_p, dtype=torch.float64), num_candidates
+        scaled, torch.full((8,), top_k), torch.full((8,), top_p, dtype=torch.float64), tiers
     )
     theirs = TemperatureLogitsWarper(temperature)(torch.empty(0), logits.clone())
     torch.testing.assert_close(scaled, theirs, rtol=0, atol=0)
@@ -293,34 +322,35 @@ def test_per_row_top_k_top_p_equal_each_row_alone() -> None:
     logits = _random_logits(4, seed=8)
     top_k = torch.tensor([0, 3, 0, 7])
     top_p = torch.tensor([1.0, 1.0, 0.6, 0.9], dtype=torch.float64)
-    batched = apply_top_k_top_p(logits, top_k, top_p, num_candidates=6)  # wider rows are sorted
+    batched = apply_top_k_top_p(logits, top_k, top_p, (6,))  # wider rows are sorted
     for i in range(4):
-        alone = apply_top_k_top_p(logits[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], 6)
+        alone = apply_top_k_top_p(logits[i : i + 1], top_k[i : i + 1], top_p[i : i + 1], (6,))
         torch.testing.assert_close(batched[i : i + 1], alone, rtol=0, atol=0)
     assert torch.equal(batched[0], logits[0])  # both filters off leaves the row alone
     assert torch.isfinite(batched[1]).sum().item() == 3
 
 
-@pytest.mark.parametrize("num_candidates", [1, 2, 3, 5])
-def test_top_k_keeps_ties_with_the_kth_logit(num_candidates: int) -> None:
+@pytest.mark.parametrize("tiers", [(1,), (2,), (3,), (5,), (1, 3), (2, 5)])
+def test_top_k_keeps_ties_with_the_kth_logit(tiers: tuple[int, ...]) -> None:
     logits = torch.tensor([[3.0, 1.0, 2.0, 2.0, 0.0]])
     no_p = torch.tensor([1.0], dtype=torch.float64)
-    filtered = apply_top_k_top_p(logits, torch.tensor([2]), no_p, num_candidates)
+    filtered = apply_top_k_top_p(logits, torch.tensor([2]), no_p, tiers)
     assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == [0, 2, 3]
     # top-p after top-k renormalises over the survivors: 3.0 alone holds e^3 / (e^3 + 2e^2) = 0.58 of it.
     p = torch.tensor([0.55], dtype=torch.float64)
-    filtered = apply_top_k_top_p(logits, torch.tensor([2]), p, num_candidates)
+    filtered = apply_top_k_top_p(logits, torch.tensor([2]), p, tiers)
     assert torch.isfinite(filtered[0]).nonzero().flatten().tolist() == [0]
 
 
-def test_wide_nuclei_in_a_large_vocabulary_match_transformers() -> None:
-    """A 1000-token vocabulary: peaked rows are cut among the candidates, flat rows fall back to a sort."""
+@pytest.mark.parametrize("tiers", [(128, 4096), (16, 64), (16,)])
+def test_wide_nuclei_in_a_large_vocabulary_match_transformers(tiers: tuple[int, ...]) -> None:
+    """A 1000-token vocabulary: peaked rows are cut in the first tier, flat ones later or by a sort."""
     gen = torch.Generator().manual_seed(11)
     scales = torch.tensor([0.05, 0.3, 1.0, 4.0, 10.0, 0.01])  # flat ... peaked
     logits = torch.randn(6, 1000, generator=gen) * scales.unsqueeze(1)
     top_k = torch.tensor([0, 0, 300, 0, 50, 0])
     top_p = torch.tensor([0.9, 0.95, 0.9, 0.8, 1.0, 0.5], dtype=torch.float64)
-    ours = apply_top_k_top_p(logits, top_k, top_p)
+    ours = apply_top_k_top_p(logits, top_k, top_p, tiers)
     for i in range(6):
         theirs = logits[i : i + 1].clone()
         if top_k[i] > 0:
@@ -329,7 +359,7 @@ def test_wide_nuclei_in_a_large_vocabulary_match_transformers() -> None:
             theirs = TopPLogitsWarper(float(top_p[i]))(torch.empty(0), theirs)
         assert torch.equal(torch.isinf(ours[i : i + 1]), torch.isinf(theirs)), f"row {i}"
     kept = torch.isfinite(ours).sum(dim=-1)
-    assert kept[0] > 128 and kept[3] < 128  # both paths were taken
+    assert kept[0] > 128 and kept[3] < 16 and 16 < kept[4] < 64  # every path was taken
 
 
 def test_seeded_rows_are_batch_independent_across_truncation_paths() -> None:
