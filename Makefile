@@ -30,13 +30,24 @@ typecheck: venv
 pytest: venv
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test: lint typecheck docker-check pytest
 
 test-slow: venv
 	$(BIN)/pytest -m slow -s -q
 
+bench: venv
+	$(BIN)/python -m bench.compare $(ARGS)
+
 bench-engine: venv
 	$(BIN)/python -m bench.engine $(ARGS)
+
+# Compose file valid, Dockerfiles lint-clean (hadolint), pins current; no docker daemon needed.
+docker-check: venv
+	VENV=$(VENV) bash docker/check.sh
+
+# Builds the CPU image and serves the demo under docker compose, starting a docker daemon if none runs.
+docker-smoke: venv
+	VENV=$(VENV) bash docker/smoke.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,10 @@
+"""Thin HTTP routes: each validates its body, asks server/generation.py and server/formats.py for the
+work and the shape, and returns. `API_ROUTERS` lists them for create_app."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from server.routes import chat, completions, health, models
+
+API_ROUTERS: tuple[APIRouter, ...] = (health.router, models.router, chat.router, completions.router)
