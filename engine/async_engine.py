@@ -8,6 +8,7 @@ one inbox; outputs come back as one callback per step that fans them out to per-
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import queue
 import threading
@@ -66,9 +67,12 @@ class RequestStream:
         self._engine._streams.pop(self.request_id, None)
 
     async def aclose(self) -> None:
+        """Abort the request if it still runs. Never raises: it runs in `finally` blocks, and a dead
+        engine has nothing left to abort."""
         if not self._done:
             self._finish()
-            self._engine.abort(self.request_id)
+            with contextlib.suppress(EngineDead):
+                self._engine.abort(self.request_id)
 
 
 class AsyncEngine:

@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # Bump whenever the files written here change, so that stale cache folders are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 CACHE_DIR_ENV = "CHATMED_CACHE_DIR"
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # (name, rank) of the real ChatMed adapters (see CHATMED.md); both use lora_alpha=32 and dropout 0.1.
@@ -272,7 +273,9 @@ def make_adapter(
     )
     with _quiet_progress():
         model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft reads an attribute that transformers 5 deprecates: their warning, nothing the caller can fix.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     peft_model.peft_config["default"].base_model_name_or_path = base_model_name_or_path or str(base_path)
     _randomize_lora(peft_model, seed)

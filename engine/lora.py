@@ -27,6 +27,13 @@ logger = logging.getLogger(__name__)
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 LayerWeights = list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+# An adapter that trains these carries its own vocabulary rows (a resized vocab, modules_to_save,
+# trainable tokens): its base is no longer ours.
+_VOCAB_MODULES = ("embed_tokens", "lm_head")
+_VOCAB_MESSAGE = (
+    "adapter trains embed_tokens or lm_head (a resized vocabulary or modules_to_save): it cannot share "
+    "the base with other adapters"
+)
 
 
 @dataclass
@@ -104,6 +111,9 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise AdapterError("per-module rank_pattern/alpha_pattern adapters are not supported")
     if config.get("fan_in_fan_out"):
         raise AdapterError("fan_in_fan_out adapters are not supported for LLaMA")
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and any(t in _VOCAB_MODULES for t in targets):
+        raise AdapterError(_VOCAB_MESSAGE)
     return config
 
 
@@ -131,6 +141,8 @@ def _read_pairs(path: Path, args: LlamaArgs) -> dict[tuple[int, str], tuple[torc
     """(layer, projection) -> (A [r, in], B [out, r]) as stored, shapes checked against the base."""
     halves: dict[tuple[int, str, str], torch.Tensor] = {}
     for key, tensor in _read_state(path).items():
+        if any(f".{module}." in f".{key}" for module in _VOCAB_MODULES):
+            raise AdapterError(_VOCAB_MESSAGE)
         m = _KEY.search(key)
         if m is None:
             raise AdapterError(f"unsupported tensor in adapter: {key.split('.')[-3:]}")
@@ -147,6 +159,10 @@ def _read_pairs(path: Path, args: LlamaArgs) -> dict[tuple[int, str], tuple[torc
             raise AdapterError(f"adapter has mismatched lora_A/lora_B for {proj} of layer {layer}")
         if a.shape[1] != args.in_features(proj) or b.shape[0] != args.out_features(proj):
             raise AdapterError(f"adapter shapes for {proj} do not match the base model")
+        if not (a.is_floating_point() and b.is_floating_point()):
+            raise AdapterError(f"adapter weights for {proj} are not floating-point tensors")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise AdapterError(f"adapter weights for {proj} of layer {layer} hold NaN or infinite values")
         pairs[(layer, proj)] = (a, b)
     if not pairs or len(pairs) * 2 != len(halves):
         raise AdapterError("adapter has no complete LoRA weight pairs")

@@ -59,8 +59,10 @@ class ModelRunner:
             if n == 1:
                 decode_items.append((row, item))
             else:
-                context = self._context_slots(table, start + n)
-                prefills.append(PrefillChunk(row, n, context, fresh=start == 0))
+                blocks = table[: -(-(start + n) // bs)]
+                prefills.append(
+                    PrefillChunk(row, n, torch.tensor(blocks, device=self.device), start + n, start == 0)
+                )
             if item.samples:
                 sample_rows.append(row + n - 1)
             if spans and spans[-1][0] == seq.adapter:
@@ -77,12 +79,6 @@ class ModelRunner:
             spans=spans,
         )
 
-    def _context_slots(self, table: list[int], context_len: int) -> torch.Tensor:
-        """Slots of positions 0 .. context_len - 1 of a sequence: [context_len]."""
-        blocks = torch.tensor(table[: -(-context_len // self.block_size)], dtype=torch.long)
-        offsets = torch.arange(self.block_size, dtype=torch.long)
-        return (blocks[:, None] * self.block_size + offsets).flatten()[:context_len].to(self.device)
-
     def _attention_batch(
         self,
         slots: list[int],
@@ -91,23 +87,23 @@ class ModelRunner:
         num_tokens: int,
     ) -> AttentionBatch:
         dev = self.device
-        decode_rows = decode_slots = decode_mask = None
+        decode_rows = decode_blocks = decode_mask = None
         if decode_items:
             bs = self.block_size
             lengths = [item.start + 1 for _, item in decode_items]
             max_blocks = -(-max(lengths) // bs)
             tables = [item.seq.block_table[:max_blocks] for _, item in decode_items]
-            padded = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.long)
-            offsets = torch.arange(bs, dtype=torch.long)
-            decode_slots = (padded[:, :, None] * bs + offsets).flatten(1).to(dev)  # [B, max_blocks * bs]
+            padded = [t + [0] * (max_blocks - len(t)) for t in tables]
+            decode_blocks = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, max_blocks]
             length_t = torch.tensor(lengths, dtype=torch.long, device=dev)
-            positions = torch.arange(decode_slots.shape[1], device=dev)
+            positions = torch.arange(max_blocks * bs, device=dev)
             decode_mask = (positions[None, :] < length_t[:, None])[:, None, None, :]
             decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)
         return AttentionBatch(
+            block_size=self.block_size,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode_rows=decode_rows,
-            decode_slots=decode_slots,
+            decode_blocks=decode_blocks,
             decode_mask=decode_mask,
             decode_is_all=len(decode_items) == num_tokens,
             prefills=prefills,

@@ -15,13 +15,14 @@ import torch.nn.functional as F
 
 @dataclass
 class PrefillChunk:
-    """Query tokens [start, start + num_tokens) of the flat batch; keys are `slots` (the whole context
-    up to and including this chunk, in position order). `fresh` means the chunk starts at position 0, so
+    """Query tokens [start, start + num_tokens) of the flat batch; keys are the first `context_len`
+    positions held in `blocks` (this chunk included). `fresh` means the chunk starts at position 0, so
     its own keys are the whole context and no gather is needed."""
 
     start: int
     num_tokens: int
-    slots: torch.Tensor  # [context_len] long
+    blocks: torch.Tensor  # [num_blocks] long: the sequence's block table, as far as the context reaches
+    context_len: int
     fresh: bool
 
 
@@ -29,10 +30,11 @@ class PrefillChunk:
 class AttentionBatch:
     """Everything attention needs about one step, built once by the model runner, shared by all layers."""
 
+    block_size: int
     slot_mapping: torch.Tensor  # [T] long: where each token's key/value is written
     decode_rows: torch.Tensor | None  # [B] long: flat indices of decode tokens (None: no decode tokens)
-    decode_slots: torch.Tensor | None  # [B, L] long: each decode sequence's context slots, padded with 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool: True where a key is real
+    decode_blocks: torch.Tensor | None  # [B, nb] long: each decode sequence's block table, padded with 0
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool: True where a key is real
     decode_is_all: bool  # every token of the step is a decode token, in order (skip the scatter)
     prefills: list[PrefillChunk]
 
@@ -60,7 +62,8 @@ def paged_attention(
         if chunk.fresh:
             keys, values = k[rows], v[rows]
         else:
-            keys, values = k_cache[chunk.slots], v_cache[chunk.slots]
+            keys = _gather(k_cache, chunk.blocks, batch.block_size)[: chunk.context_len]
+            values = _gather(v_cache, chunk.blocks, batch.block_size)[: chunk.context_len]
         out[rows] = _prefill(q[rows], keys, values, gqa)
     return out.reshape(t, num_heads * head_dim)
 
@@ -69,13 +72,19 @@ def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, gqa: bool
 ) -> torch.Tensor:
     """q: [B, H, D] one query per sequence -> [B, H, D]."""
-    assert batch.decode_slots is not None and batch.decode_mask is not None
-    keys = k_cache[batch.decode_slots].transpose(1, 2)  # [B, Hkv, L, D]
-    values = v_cache[batch.decode_slots].transpose(1, 2)
+    assert batch.decode_blocks is not None and batch.decode_mask is not None
+    keys = _gather(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, Hkv, L, D]
+    values = _gather(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
     )
     return out.squeeze(2)
+
+
+def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """cache [slots, Hkv, D], blocks [..., nb] -> [..., nb * block_size, Hkv, D], whole blocks copied."""
+    paged = cache.view(-1, block_size, *cache.shape[1:])
+    return paged[blocks].flatten(-4, -3)
 
 
 def _prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gqa: bool) -> torch.Tensor:
