@@ -152,13 +152,16 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos(), persistent=False)
         self.register_buffer("sin", emb.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x: [T, heads, head_dim]; positions: [T]
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [T] -> (cos, sin), each [T, 1, head_dim]: looked up once per step for all layers."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, heads, head_dim] rotated by each token's position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
 
 
 class Block(nn.Module):
@@ -180,8 +183,7 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: KVCache,
         attn: AttentionBatch,
         lora: list[LoraSegment],
@@ -194,7 +196,7 @@ class Block(nn.Module):
         q = qkv[:, :q_out].view(t, a.num_heads, a.head_dim)
         k = qkv[:, q_out : q_out + kv_out].view(t, a.num_kv_heads, a.head_dim)
         v = qkv[:, q_out + kv_out :].view(t, a.num_kv_heads, a.head_dim)
-        q, k = rotary(q, positions), rotary(k, positions)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         o = paged_attention(q, k, v, kv.keys[self.layer], kv.values[self.layer], attn)  # [T, q_out]
         x = x + _linear_lora(o, self.o, self.layer, "o", lora)
         h = self.mlp_norm(x)
@@ -224,8 +226,9 @@ class Llama(nn.Module):
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (norm not yet applied)."""
         x = self.embed(input_ids)
+        rope = self.rotary(positions, x.dtype)
         for block in self.layers:
-            x = block(x, positions, self.rotary, kv, attn, lora)
+            x = block(x, rope, kv, attn, lora)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
