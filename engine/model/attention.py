@@ -90,11 +90,12 @@ def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch
 def _prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gqa: bool) -> torch.Tensor:
     """q: [n, H, D] the last n positions of a context of keys/values [L, Hkv, D] -> [n, H, D]."""
     n, ctx = q.shape[0], keys.shape[0]
-    qh, kh, vh = q.transpose(0, 1), keys.transpose(0, 1), values.transpose(0, 1)
+    # Fused SDPA kernels want 4-D inputs: [1, heads, tokens, head_dim].
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, keys, values))
     if n == ctx:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
     else:
         # Query i sits at position ctx - n + i and sees keys 0 ..= ctx - n + i.
         mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril(diagonal=ctx - n)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
-    return out.transpose(0, 1)
+    return out.squeeze(0).transpose(0, 1)
