@@ -28,7 +28,7 @@ import torch
 
 from bench.hf_baseline import GenerateOptions, PeftGenerator
 from bench.prompts import DEFAULT_DATA_DIR, load_mixed_chatmed
-from bench.report import Cell, format_ratio, format_table, write_json
+from bench.report import Cell, format_ratio, format_table, load_note, write_json
 from bench.stats import mean, ratio
 from engine import CHATMED_TEMPLATE, EngineConfig, EngineCore, SamplingParams
 from engine.demo import DemoSpec, build_demo
@@ -240,6 +240,7 @@ def _payload(args: argparse.Namespace, ours: Sequence[RunResult], baseline: RunR
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
+            "load_average_end": os.getloadavg()[0],
         },
         "baseline": figures(baseline) if baseline else None,
         "ours": [figures(r) for r in ours],
@@ -250,12 +251,14 @@ def _payload(args: argparse.Namespace, ours: Sequence[RunResult], baseline: RunR
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    load_before = load_note()
     ours, baseline = run(args)
     print(results_table(ours, baseline))
     print(
         f"{args.max_tokens} new tokens per request, EOS ignored, both adapters 50/50; "
         f"torch threads {torch.get_num_threads()}; vs base = out tok/s / baseline's"
     )
+    print(f"at start: {load_before}\nat end: {load_note()}")
     if args.json is not None:
         write_json(args.json, _payload(args, ours, baseline))
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,3 +55,14 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     """Write results as indented UTF-8 JSON (NaN as null), creating the parent folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_json_safe(payload), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load_note() -> str:
+    """The machine's 1-minute load average against its CPU count, with a warning when other work
+    shares the cores (then only figures of one run compare, and CPU-time figures are the steadier)."""
+    load = os.getloadavg()[0]
+    cpus = os.cpu_count() or 1
+    note = f"load average {load:.1f} on {cpus} CPUs"
+    if load > 0.5 * cpus:
+        note += ": other work shares these cores, so absolute figures are low and noisy"
+    return note

@@ -32,6 +32,7 @@ from bench.stats import Summary, summarize
 from bench.stream_client import RequestRecord, stream_chat
 
 ProgressFn = Callable[[int, int, int], None]  # (done, total, failed)
+WARMUP_MAX_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,9 @@ class LoadConfig:
 
     concurrency None means no limit; request_rate inf sends everything at once (then the
     concurrency limit paces the run), a finite rate draws Poisson arrivals from `seed`.
+    max_duration_s bounds a run on a slow server: no request is sent after it and the unsent ones
+    are reported as `not_sent`; requests in flight then get drain_timeout_s (None: as long as they
+    need) before they are cancelled and reported as `cut`.
     """
 
     base_url: str
@@ -58,6 +62,8 @@ class LoadConfig:
     api_key: str | None = None
     timeout_s: float = 600.0
     warmup_requests: int = 0
+    max_duration_s: float | None = None
+    drain_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.num_requests < 1:
@@ -70,6 +76,10 @@ class LoadConfig:
             raise ValueError("concurrency must be at least 1")
         if not self.request_rate > 0:
             raise ValueError("request_rate must be positive")
+        if self.max_duration_s is not None and not self.max_duration_s > 0:
+            raise ValueError("max_duration_s must be positive")
+        if self.drain_timeout_s is not None and not self.drain_timeout_s >= 0:
+            raise ValueError("drain_timeout_s must be >= 0")
 
     @property
     def chat_url(self) -> str:
@@ -82,6 +92,8 @@ class LoadResult:
 
     completed: int
     failed: int
+    not_sent: int
+    cut: int
     duration_s: float
     total_output_tokens: int
     request_throughput: float
@@ -98,6 +110,8 @@ class LoadResult:
         out: dict[str, Any] = {
             "completed": self.completed,
             "failed": self.failed,
+            "not_sent": self.not_sent,
+            "cut": self.cut,
             "duration_s": self.duration_s,
             "total_output_tokens": self.total_output_tokens,
             "request_throughput": self.request_throughput,
@@ -137,16 +151,25 @@ def build_body(config: LoadConfig, index: int) -> dict[str, Any]:
     return body
 
 
-def summarize_records(records: Sequence[RequestRecord], duration_s: float) -> LoadResult:
-    """Turn per-request records into the run's figures. Only completed requests count toward
-    throughput and latency; failures are counted and their messages tallied."""
+def summarize_records(records: Sequence[RequestRecord], duration_s: float, not_sent: int = 0) -> LoadResult:
+    """Turn per-request records into the run's figures; failures are counted and their messages tallied.
+
+    Output throughput counts every token received: all of a completed request's, and the content deltas
+    a request cut off at the end of a bounded run had streamed (a server that sends the answer whole
+    loses the request it was working on, at most max_tokens). Latencies and tok/req are of completed
+    requests only.
+    """
     done = [record for record in records if record.ok]
-    failed = [record for record in records if not record.ok]
-    total_tokens = sum(record.output_tokens for record in done)
+    cut = [record for record in records if record.cut]
+    failed = [record for record in records if not record.ok and not record.cut]
+    done_tokens = sum(record.output_tokens for record in done)
+    total_tokens = done_tokens + sum(record.num_content_chunks for record in cut)
     ms = 1000.0
     return LoadResult(
         completed=len(done),
         failed=len(failed),
+        not_sent=not_sent,
+        cut=len(cut),
         duration_s=duration_s,
         total_output_tokens=total_tokens,
         request_throughput=len(done) / duration_s if duration_s > 0 else math.nan,
@@ -155,7 +178,7 @@ def summarize_records(records: Sequence[RequestRecord], duration_s: float) -> Lo
         tpot_ms=summarize([r.tpot_s * ms for r in done if r.tpot_s is not None]),
         itl_ms=summarize([gap * ms for r in done for gap in r.inter_chunk_s()]),
         e2e_ms=summarize([r.e2e_s * ms for r in done if r.e2e_s is not None]),
-        mean_output_tokens=total_tokens / len(done) if done else math.nan,
+        mean_output_tokens=done_tokens / len(done) if done else math.nan,
         errors=dict(Counter(record.error or "unknown" for record in failed)),
         records=list(records),
     )
@@ -165,18 +188,23 @@ async def run_load(
     config: LoadConfig,
     progress: ProgressFn | None = None,
     transport: httpx2.AsyncBaseTransport | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> LoadResult:
-    """Run the load and summarise it. `transport` lets tests drive an in-process ASGI app."""
+    """Run the load and summarise it. `transport` lets tests drive an in-process ASGI app;
+    `on_start` is called after the warm-up, when the measured run begins."""
     headers = {"Authorization": f"Bearer {config.api_key}"} if config.api_key else None
     pool = config.concurrency or config.num_requests
     limits = httpx2.Limits(max_connections=pool + 1, max_keepalive_connections=pool + 1)
     timeout = httpx2.Timeout(config.timeout_s, connect=min(config.timeout_s, 30.0))
     async with httpx2.AsyncClient(limits=limits, timeout=timeout, transport=transport) as client:
         await _warm_up(client, config, headers)
+        if on_start is not None:
+            on_start()
         start = time.monotonic()
-        records = await _dispatch(client, config, headers, progress)
+        sent = await _Dispatch(client, config, headers, progress).run()
         duration = time.monotonic() - start
-    return summarize_records(records, duration)
+    records = [record for record in sent if record is not None]
+    return summarize_records(records, duration, not_sent=len(sent) - len(records))
 
 
 async def _warm_up(client: httpx2.AsyncClient, config: LoadConfig, headers: dict[str, str] | None) -> None:
@@ -184,40 +212,67 @@ async def _warm_up(client: httpx2.AsyncClient, config: LoadConfig, headers: dict
     # initialisation, allocator growth) is paid before the clock starts. Their figures are dropped.
     for index in range(config.warmup_requests):
         body = build_body(config, index)
+        body["max_tokens"] = min(config.max_tokens, WARMUP_MAX_TOKENS)  # set-up, not throughput
         record = RequestRecord(index, body["model"])
         await stream_chat(client, config.chat_url, body, record, headers)
         if not record.ok:
             raise RuntimeError(f"warm-up request failed: {record.error}")
 
 
-async def _dispatch(
-    client: httpx2.AsyncClient,
-    config: LoadConfig,
-    headers: dict[str, str] | None,
-    progress: ProgressFn | None,
-) -> list[RequestRecord]:
-    limit = asyncio.Semaphore(config.concurrency or config.num_requests)
-    rng = random.Random(config.seed)
-    counts = {"done": 0, "failed": 0}
+class _Dispatch:
+    """One run's sending: pacing, the concurrency limit, the deadline and the cut-off after it."""
 
-    async def one(index: int) -> RequestRecord:
-        body = build_body(config, index)
-        async with limit:
-            record = await stream_chat(
-                client, config.chat_url, body, RequestRecord(index, body["model"]), headers
-            )
-        counts["done"] += 1
-        counts["failed"] += 0 if record.ok else 1
-        if progress is not None:
-            progress(counts["done"], config.num_requests, counts["failed"])
-        return record
+    def __init__(
+        self,
+        client: httpx2.AsyncClient,
+        config: LoadConfig,
+        headers: dict[str, str] | None,
+        progress: ProgressFn | None,
+    ) -> None:
+        self.client = client
+        self.config = config
+        self.headers = headers
+        self.progress = progress
+        self.limit = asyncio.Semaphore(config.concurrency or config.num_requests)
+        self.records: dict[int, RequestRecord] = {}
+        self.num_done = 0
+        self.num_failed = 0
+        duration = math.inf if config.max_duration_s is None else config.max_duration_s
+        self.deadline = time.monotonic() + duration
+        drain = math.inf if config.drain_timeout_s is None else config.drain_timeout_s
+        self.cutoff = self.deadline + drain
 
-    tasks: list[asyncio.Task[RequestRecord]] = []
-    for index in range(config.num_requests):
-        if index > 0 and math.isfinite(config.request_rate):
-            await asyncio.sleep(rng.expovariate(config.request_rate))
-        tasks.append(asyncio.create_task(one(index)))
-    return list(await asyncio.gather(*tasks))
+    async def run(self) -> list[RequestRecord | None]:
+        """Per request index its record, or None when it was never sent (the deadline had passed)."""
+        rng = random.Random(self.config.seed)
+        tasks: list[asyncio.Task[None]] = []
+        for index in range(self.config.num_requests):
+            if index > 0 and math.isfinite(self.config.request_rate):
+                gap_s = rng.expovariate(self.config.request_rate)
+                await asyncio.sleep(max(min(gap_s, self.deadline - time.monotonic()), 0.0))
+            tasks.append(asyncio.create_task(self._one(index)))
+        timeout = None if math.isinf(self.cutoff) else max(self.cutoff - time.monotonic(), 0.0)
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for record in self.records.values():
+            # Cancelled mid-stream at the cut-off: neither completed nor failed.
+            record.cut = not record.ok and record.error is None
+        if self.progress is not None and pending:
+            self.progress(self.config.num_requests, self.config.num_requests, self.num_failed)
+        return [self.records.get(index) for index in range(self.config.num_requests)]
+
+    async def _one(self, index: int) -> None:
+        body = build_body(self.config, index)
+        async with self.limit:
+            if time.monotonic() <= self.deadline:
+                record = self.records[index] = RequestRecord(index, body["model"])
+                await stream_chat(self.client, self.config.chat_url, body, record, self.headers)
+                self.num_failed += 0 if record.ok else 1
+        self.num_done += 1
+        if self.progress is not None:
+            self.progress(self.num_done, self.config.num_requests, self.num_failed)
 
 
 def _record_dict(record: RequestRecord) -> dict[str, Any]:
@@ -309,6 +364,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", default=None)
     parser.add_argument("--timeout-s", type=float, default=600.0)
     parser.add_argument("--warmup", type=int, default=2, help="unmeasured requests before the run")
+    parser.add_argument("--max-duration-s", type=float, default=None, help="send nothing after this")
+    parser.add_argument(
+        "--drain-timeout-s", type=float, default=None, help="after max-duration-s, cancel what still runs"
+    )
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     parser.add_argument("--save-records", action="store_true", help="per-request records in the JSON")
     return parser.parse_args(argv)
@@ -338,6 +397,8 @@ def config_from_args(args: argparse.Namespace) -> LoadConfig:
         api_key=args.api_key,
         timeout_s=args.timeout_s,
         warmup_requests=args.warmup,
+        max_duration_s=args.max_duration_s,
+        drain_timeout_s=args.drain_timeout_s,
     )
 
 
@@ -349,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print("latencies in ms; TPOT = (e2e - TTFT) / (tokens - 1), n/a when a server sends one chunk")
     for message, count in result.errors.items():
         print(f"error x{count}: {message}")
+    if result.not_sent or result.cut:
+        print(f"{result.not_sent} requests not sent and {result.cut} cut: --max-duration-s ran out")
     if args.json is not None:
         payload = {"config": _config_dict(config), "result": result.to_dict(args.save_records)}
         write_json(args.json, payload)
@@ -369,6 +432,8 @@ def _config_dict(config: LoadConfig) -> dict[str, Any]:
         "seed": config.seed,
         "extra_body": config.extra_body,
         "warmup_requests": config.warmup_requests,
+        "max_duration_s": config.max_duration_s,
+        "drain_timeout_s": config.drain_timeout_s,
     }
 
 

@@ -97,7 +97,7 @@ def _line_end(buffer: str, final: bool) -> tuple[int, int] | None:
             if i + 1 < len(buffer):
                 return i, i + 2 if buffer[i + 1] == "\n" else i + 1
             # A CR at the end may be the first half of a CRLF still in flight.
-            return (i, i + 1)
+            return (i, i + 1) if final else None
     return None
 
 
@@ -117,6 +117,7 @@ class RequestRecord:
     usage_output_tokens: int | None = None
     prompt_tokens: int | None = None
     finish_reason: str | None = None
+    cut: bool = False  # cancelled by the load generator at the end of a bounded run, not a failure
 
     @property
     def output_tokens(self) -> int:

@@ -27,6 +27,7 @@ from engine.errors import (
     RequestFailed,
     UnknownAdapter,
 )
+from engine.lora import LoraAdapter
 from engine.types import EngineStats, RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -159,12 +160,20 @@ class AsyncEngine:
         """Read a served adapter back into host memory; concurrent callers share one read."""
         task = self._reads.get(name)
         if task is None:
-            path = self.core.loras.paths[name]
+            path = self.core.loras.paths.get(name)
+            if path is None:
+                raise UnknownAdapter(f"the adapter {name!r} does not exist", param="model")
+
+            def publish(adapter: LoraAdapter) -> None:
+                # Unloaded (or replaced) while it was being read: do not bring it back.
+                if self.core.loras.paths.get(name) != path:
+                    raise UnknownAdapter(f"the adapter {name!r} does not exist", param="model")
+                self.core.add_adapter(adapter)
 
             async def read() -> None:
                 try:
                     adapter = await asyncio.to_thread(self.core.read_adapter, name, path)
-                    await self._call(lambda: self.core.add_adapter(adapter))
+                    await self._call(lambda: publish(adapter))
                 finally:
                     self._reads.pop(name, None)
 
@@ -190,6 +199,8 @@ class AsyncEngine:
         adapter = await asyncio.to_thread(self.core.read_adapter, name, path)
 
         def publish() -> None:
+            if name in self.core.loras.paths and not replace:  # another load won the race
+                raise AdapterExists(f"an adapter named {name!r} is already loaded", param="lora_name")
             if self.core.adapter_in_use(name):
                 raise AdapterInUse(f"adapter {name!r} has requests in flight; retry when they finish")
             self.core.add_adapter(adapter)

@@ -135,12 +135,15 @@ class Scheduler:
 
     def _admit(self, budget: int, scheduled: list[ScheduledSeq]) -> int:
         """Move waiting sequences into the running set while budget, seats and blocks allow (FIFO; a
-        sequence whose adapter cannot join now is passed over, not allowed to block the queue)."""
+        sequence whose adapter cannot join now is passed over by base-model sequences only)."""
         active = {s.adapter for s in self.running if s.adapter is not None}
         passed_over: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.adapter_gate(seq.adapter, active):
+            # Once a sequence waits for an adapter slot, later adapter sequences wait too: admitting them
+            # would keep the running adapters busy and could starve it. Base-model sequences need no slot.
+            blocked = bool(passed_over) and seq.adapter is not None
+            if blocked or not self.adapter_gate(seq.adapter, active):
                 passed_over.append(self.waiting.popleft())
                 continue
             num_new = min(seq.num_tokens - seq.num_computed, budget)

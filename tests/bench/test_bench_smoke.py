@@ -10,6 +10,7 @@ import json
 import math
 import threading
 from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx2
@@ -33,7 +34,7 @@ from bench.prompts import (
     random_questions,
     strip_chatmed_template,
 )
-from bench.report import format_table
+from bench.report import format_table, load_note
 from bench.serve import LoadConfig, build_body, run_load, summarize_records
 from bench.stats import percentile, ratio, summarize
 from bench.stream_client import RequestRecord, SSEParser
@@ -78,6 +79,7 @@ def test_format_table_aligns_and_marks_missing() -> None:
     assert table[2].split() == ["ours", "123.5"]
     assert table[3].split() == ["other", "n/a"]
     assert len({len(line) for line in table[:3]}) == 1
+    assert load_note().startswith("load average ")
 
 
 # ---- prompts ----------------------------------------------------------------------------------------
@@ -306,3 +308,101 @@ async def test_token_count_prefers_usage_chunk(send_usage: bool) -> None:
     expected = 10 if send_usage else 5  # usage says 2 tokens per chunk; without it, deltas are counted
     assert all(r.output_tokens == expected and r.num_content_chunks == 5 for r in result.records)
     assert result.itl_ms.count == 2 * 4
+
+
+async def test_requests_after_max_duration_are_not_sent() -> None:
+    transport = httpx2.ASGITransport(app=_streaming_app(num_chunks=2, send_usage=True))
+    config = LoadConfig(
+        base_url="http://bench.test/v1", models=("m",), prompts=("q",), num_requests=3, max_duration_s=1e-9
+    )
+    result = await run_load(config, transport=transport)
+    assert (result.completed, result.failed, result.not_sent) == (0, 0, 3)
+    assert result.total_output_tokens == 0
+    with pytest.raises(ValueError):
+        LoadConfig(base_url="x", models=("m",), prompts=("q",), num_requests=1, max_duration_s=0)
+
+
+class _StallingHandler(BaseHTTPRequestHandler):
+    """Streams two content deltas, then stalls until the test releases it (a server that hangs)."""
+
+    release: threading.Event
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        for i in range(2):
+            delta = {"choices": [{"delta": {"content": str(i)}, "index": 0}]}
+            self.wfile.write(f"data: {json.dumps(delta)}\n\n".encode())
+            self.wfile.flush()
+        self.release.wait(timeout=30)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+async def test_bounded_run_cuts_requests_in_flight() -> None:
+    release = threading.Event()
+    handler = type("Handler", (_StallingHandler,), {"release": release})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        config = LoadConfig(
+            base_url=f"http://127.0.0.1:{server.server_address[1]}/v1",
+            models=("m",),
+            prompts=("q",),
+            num_requests=3,
+            concurrency=2,
+            max_duration_s=1.0,
+            drain_timeout_s=0.0,
+        )
+        result = await run_load(config)
+    finally:
+        release.set()
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)
+    # Two requests stalled mid-stream and were cut; the third waited for a slot past the deadline.
+    assert (result.completed, result.failed, result.cut, result.not_sent) == (0, 0, 2, 1)
+    assert result.total_output_tokens == 4  # the deltas the cut requests had streamed still count
+    assert math.isnan(result.mean_output_tokens) and result.e2e_ms.count == 0
+
+
+# ---- the benchmark commands end to end (slow: the ~20M bench model, real subprocess servers) ----------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="ChatMed data files not present")
+def test_engine_benchmark_runs(tmp_path: Path) -> None:
+    from bench.engine import main
+
+    out = tmp_path / "engine.json"
+    argv = ["--data", str(DATA_DIR), "--num-requests", "4", "--num-serial-requests", "2"]
+    argv += ["--max-tokens", "8", "--concurrency", "1,4", "--json", str(out)]
+    assert main(argv) == 0
+    payload = json.loads(out.read_text(encoding="utf-8"))
+    assert [run["concurrency"] for run in payload["ours"]] == [1, 4]
+    assert [run["output_tokens"] for run in payload["ours"]] == [16, 32]
+    assert payload["baseline"]["output_tokens"] == 16
+    assert set(payload["ratios_vs_baseline"]) == {"1", "4"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not DATA_DIR.is_dir(), reason="ChatMed data files not present")
+def test_compare_runs_ours_and_baseline(tmp_path: Path) -> None:
+    from bench.compare import main
+
+    out = tmp_path / "compare.json"
+    argv = ["--data", str(DATA_DIR), "--systems", "ours-mixed,baseline", "--num-requests", "4"]
+    argv += ["--concurrency", "2", "--max-tokens", "8", "--warmup", "1", "--work-dir", str(tmp_path)]
+    assert main([*argv, "--json", str(out)]) == 0
+    payload = json.loads(out.read_text(encoding="utf-8"))
+    for name in ("ours-mixed", "baseline"):
+        result = payload["systems"][name]["result"]
+        assert (result["completed"], result["failed"]) == (4, 0)
+        assert result["total_output_tokens"] == 32
+    assert payload["ratios"]["ours_mixed/baseline"]["wall"] > 0

@@ -85,3 +85,17 @@ def test_adapter_gate_passes_over_without_blocking_the_queue() -> None:
     s.add(_seq("z", 2, None))
     assert [r for r, _, _ in _run_step(s)] == ["x", "z"]
     assert [q.request_id for q in s.waiting] == ["y"]  # kept its place for when A's requests finish
+
+
+def test_a_sequence_waiting_for_a_slot_is_not_starved_by_later_ones() -> None:
+    def gate(adapter: str | None, active: set[str]) -> bool:
+        return adapter is None or adapter in active or len(active) < 1
+
+    s = Scheduler(BlockAllocator(64, 4), max_num_seqs=8, max_num_batched_tokens=64, adapter_gate=gate)
+    s.add(_seq("x", 2, "A"))
+    s.add(_seq("y", 2, "B"))
+    s.add(_seq("w", 2, "A"))
+    s.add(_seq("z", 2, None))
+    # w could join A's slot, but it came after y, which waits for a slot: w waits too; z needs no slot.
+    assert [r for r, _, _ in _run_step(s)] == ["x", "z"]
+    assert [q.request_id for q in s.waiting] == ["y", "w"]
