@@ -272,15 +272,17 @@ class EngineCore:
 
     # ---- conveniences ---------------------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        # Called from other threads too: copy the queues in one C-level call each, then read the copies.
         s = self.scheduler
+        running, waiting = tuple(s.running), tuple(s.waiting)
         return EngineStats(
-            num_running=len(s.running),
-            num_waiting=len(s.waiting),
+            num_running=len(running),
+            num_waiting=len(waiting),
             num_free_blocks=self.allocator.num_free,
             num_total_blocks=self.allocator.num_blocks,
             num_preemptions=s.num_preemptions,
-            running_adapters=tuple(sorted({q.adapter for q in s.running if q.adapter})),
-            waiting_adapters=tuple(sorted({q.adapter for q in s.waiting if q.adapter})),
+            running_adapters=tuple(sorted({q.adapter for q in running if q.adapter})),
+            waiting_adapters=tuple(sorted({q.adapter for q in waiting if q.adapter})),
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_generation_tokens_total=self.num_generation_tokens_total,
         )

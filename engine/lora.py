@@ -1,6 +1,6 @@
 """LoRA adapters: reading PEFT checkpoints, validating them against the base, and keeping them resident.
 
-An adapter is stored per layer and per fused projection as (A [r, in], B [out, r]) with the PEFT scaling
+An adapter is stored per layer and per fused projection as (A [r, in], B^T [r, out]) with the PEFT scaling
 folded into B, so a projection's delta for a token is (x A^T) B^T. For the fused q/k/v and gate/up
 projections the A's are stacked and B is block-diagonal, so one pair of matmuls covers all parts.
 Reading and preparing an adapter (read_adapter) is pure and may run on any thread; LoraSlots is owned by
@@ -190,7 +190,7 @@ def _fuse(
     for p, (a, b) in present:
         b_diag[row[p] : row[p] + b.shape[0], col : col + a.shape[0]] = b.float() * scaling
         col += a.shape[0]
-    return a_cat, b_diag.to(dtype)
+    return a_cat, b_diag.t().contiguous().to(dtype)  # B stored transposed: [r, out], rows contiguous
 
 
 class LoraSlots:

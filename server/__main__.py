@@ -1,14 +1,19 @@
-"""`chatmed-serve` / `python -m server`: settings from CLI + env → engine → create_app → uvicorn."""
+"""`chatmed-serve` / `python -m server`: settings from CLI + env → engine → create_app → uvicorn (with a
+SIGTERM drain: server/shutdown.py)."""
 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import uvicorn
 
 from engine import AsyncEngine, EngineConfig
 from server.app import create_app
+from server.logs import configure_logging
 from server.settings import DEMO_BASE_NAME, Settings
+from server.shutdown import serve
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +42,29 @@ def engine_config(settings: Settings) -> EngineConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse flags (argv, default sys.argv) over CHATMED_* variables, load the engine, serve."""
+    """Parse flags (argv, default sys.argv) over CHATMED_* variables, load the engine, serve until
+    SIGTERM or SIGINT and its drain, then end the process with status 0 (it does not return)."""
     settings = Settings.from_args(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_requests)
     engine = AsyncEngine(engine_config(settings))
     app = create_app(settings, engine)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+    # uvicorn's logging config and access log are replaced by ours (server/logs.py and
+    # server/observability.py), which never write a raw path or a message that may quote a prompt.
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+        access_log=False,
+    )
+    serve(config, app.state.admission, engine, settings.drain_timeout)  # SIGTERM: drain, exit 0
+    # The engine is stopped and the sockets closed. Python's own teardown of torch can take many
+    # seconds on a busy host, long enough to outlast a container's stop grace period: skip it.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

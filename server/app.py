@@ -11,8 +11,10 @@ from fastapi import FastAPI
 from engine import AsyncEngine
 from server.dependencies import ServerState
 from server.errors import install_error_handlers
+from server.operations import install_guards, install_observers
 from server.registry import BaseModelInfo, ModelRegistry
 from server.routes import API_ROUTERS
+from server.routes.adapters import install_adapter_admin
 from server.settings import DEMO_BASE_NAME, Settings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +53,7 @@ def create_app(settings: Settings, engine: AsyncEngine) -> FastAPI:
         finally:
             engine.shutdown()
 
-    # With a key set, every route but /health is guarded; the schema and docs routes are not served.
+    # With a key set, every route but the probes is guarded; the schema and docs routes are not served.
     public_docs = settings.api_key is None
     app = FastAPI(
         title="ChatMed Serve",
@@ -62,7 +64,10 @@ def create_app(settings: Settings, engine: AsyncEngine) -> FastAPI:
         openapi_url="/openapi.json" if public_docs else None,
     )
     app.state.chatmed = ServerState(settings=settings, engine=engine, registry=registry)
+    install_guards(app, settings, engine, registry.base_name)  # inside the error middleware
     install_error_handlers(app)
     for router in API_ROUTERS:
         app.include_router(router)
+    install_adapter_admin(app, app.state.chatmed)  # only with --admin-api-key
+    install_observers(app, settings)  # outermost: sees every response
     return app

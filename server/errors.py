@@ -47,6 +47,14 @@ class AuthenticationFailed(EngineError):
     """A missing, malformed or wrong API key."""
 
 
+class BodyTooLarge(EngineError):
+    """The request body is over --max-request-body-bytes."""
+
+
+class ServerDraining(EngineError):
+    """The server is shutting down: it finishes running requests and admits no new ones."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     """How one class of exception is answered. `message` replaces the exception's own text when set."""
@@ -67,14 +75,21 @@ ERROR_TABLE: Mapping[type[BaseException], ErrorKind] = MappingProxyType(
         UnknownAdapter: ErrorKind(404, "invalid_request_error", "model_not_found"),
         AdapterExists: ErrorKind(409, "invalid_request_error", "adapter_exists"),
         AdapterInUse: ErrorKind(409, "invalid_request_error", "adapter_in_use"),
-        AdapterError: ErrorKind(
-            400, "invalid_request_error", "adapter_error", message="The adapter could not be loaded."
-        ),
+        # The engine's adapter messages say what is wrong with the adapter and never hold paths.
+        AdapterError: ErrorKind(400, "invalid_request_error", "adapter_error"),
         QueueFull: ErrorKind(
             429,
             "rate_limit_error",
             "queue_full",
             message="The server is at capacity; retry shortly.",
+            retry_after_s=RETRY_AFTER_S,
+        ),
+        BodyTooLarge: ErrorKind(413, "invalid_request_error", "request_too_large"),
+        ServerDraining: ErrorKind(
+            503,
+            "server_error",
+            "server_shutting_down",
+            message="The server is shutting down; retry on another instance.",
             retry_after_s=RETRY_AFTER_S,
         ),
         EngineDead: ErrorKind(
@@ -177,7 +192,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 async def _on_engine_error(request: Request, exc: Exception) -> JSONResponse:
-    if error_kind(exc).status >= 500:
+    if error_kind(exc).status == 500:  # 503s (engine dead, draining) are states, not our bugs
         log_unexpected(exc, request.headers.get("x-request-id"))
     return error_response(exc)
 

@@ -14,7 +14,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from engine import SamplingParams
+
 MAX_SEED = 2**63 - 1
+MAX_MODEL_NAME_CHARS = 256
 
 
 def _valid_unicode(text: str) -> str:
@@ -27,6 +30,9 @@ def _valid_unicode(text: str) -> str:
 
 
 Text = Annotated[str, AfterValidator(_valid_unicode)]
+# The engine's own caps, checked here too so that a request over them is refused before tokenizing.
+StopString = Annotated[Text, Field(min_length=1, max_length=SamplingParams.MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=SamplingParams.MAX_STOP_STRINGS)]
 
 
 def _now() -> int:
@@ -44,14 +50,14 @@ class StreamOptions(_Request):
 class SamplingRequest(_Request):
     """The fields that chat and text completions share: model, streaming and sampling."""
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME_CHARS)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    stop: Text | list[Text] | None = None
+    stop: StopString | StopList | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, CliSuppress, NoDecode, SettingsConfigDict
 
 from engine import EngineConfig
@@ -60,12 +60,39 @@ class Settings(BaseSettings):
         default=1024, ge=1, description="tokens per engine step (chunked prefill)"
     )
     max_loras: int = Field(default=4, ge=1, description="adapters resident in device slots at once")
+    max_cpu_loras: int | None = Field(
+        default=None, ge=1, description="adapters kept in host memory (LRU); unset: max(max_loras, 16)"
+    )
+    max_lora_rank: int = Field(default=64, ge=1, description="largest LoRA rank an adapter may have")
+    admin_api_key: SecretStr | None = Field(
+        default=None,
+        description="enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter, which need "
+        "`Authorization: Bearer <key>`; unset: those routes do not exist",
+    )
+    adapters_root: Path | None = Field(
+        default=None, description="the only folder runtime-loaded adapters may come from (admin API)"
+    )
     max_queued_requests: int = Field(
         default=1024, ge=1, description="waiting requests beyond which new ones get 429"
     )
     max_n: int = Field(default=8, ge=1, le=128, description="largest `n` (choices per request) accepted")
     stream_ping_s: float = Field(
         default=15.0, gt=0, description="seconds between keep-alive comments on idle streams"
+    )
+    send_timeout_s: float = Field(
+        default=30.0, gt=0, description="a stream whose client reads nothing for this long is cut"
+    )
+    max_request_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, description="larger request bodies get 413 before they are read"
+    )
+    drain_timeout: float = Field(
+        default=30.0, ge=0, description="seconds running requests get to finish after SIGTERM"
+    )
+    log_requests: bool = Field(
+        default=False, description="log prompts and completions (health data: off unless needed)"
+    )
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="origins allowed by CORS (repeat; env: comma-separated); none: off"
     )
     cache_dir: Path | None = Field(
         default=None, description="where the embedded demo is built once; unset: ~/.cache/chatmed-serve"
@@ -74,7 +101,7 @@ class Settings(BaseSettings):
     # For tests: builds a much smaller demo model so that a server starts in seconds.
     demo_size: CliSuppress[Literal["default", "tiny"]] = "default"
 
-    @field_validator("adapter", mode="before")
+    @field_validator("adapter", "cors_allow_origins", mode="before")
     @classmethod
     def _split_adapters(cls, value: object) -> object:
         # Environment variables carry one string: "a=/x,b=/y".
@@ -89,6 +116,18 @@ class Settings(BaseSettings):
         if len(set(names)) != len(names):
             raise ValueError("adapter names must be unique")
         return value
+
+    @model_validator(mode="after")
+    def _check_adapter_admin(self) -> Settings:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError("max_cpu_loras must be at least max_loras")
+        if self.admin_api_key is not None and self.adapters_root is None:
+            raise ValueError("--admin-api-key needs --adapters-root, the folder adapters may be loaded from")
+        if self.adapters_root is not None and not self.adapters_root.is_dir():
+            raise ValueError("--adapters-root must be an existing folder")
+        if self.admin_api_key is not None and not self.admin_api_key.get_secret_value().strip():
+            raise ValueError("--admin-api-key must not be empty")
+        return self
 
     @classmethod
     def from_args(cls, argv: list[str] | None = None) -> Settings:
@@ -113,7 +152,8 @@ class Settings(BaseSettings):
             max_model_len=self.max_model_len,
             max_queued_requests=self.max_queued_requests,
             max_loras=self.max_loras,
-            max_cpu_loras=max(self.max_loras, EngineConfig.max_cpu_loras),
+            max_cpu_loras=self.max_cpu_loras or max(self.max_loras, EngineConfig.max_cpu_loras),
+            max_lora_rank=self.max_lora_rank,
         )
 
 

@@ -3,12 +3,12 @@
 Why sse-starlette's EventSourceResponse rather than a bare StreamingResponse: it sends keep-alive
 comments (`: ping ...`) on idle streams (a request waiting in the queue or in a long prefill would
 otherwise look dead to proxies), it watches for the client's disconnect in its own task on every ASGI
-server, it closes the frame iterator when a send fails, and it has the per-send timeout that a later
-issue will use against frozen readers (`send_timeout_s`, off for now). Frames are yielded as bytes,
-which it sends unchanged, so the wire format is exactly ours. OpenAI clients skip comment lines.
+server, it closes the frame iterator when a send fails, and it has a per-send timeout, which cuts a
+client that stopped reading (`--send-timeout-s`). Frames are yielded as bytes, which it sends
+unchanged, so the wire format is exactly ours. OpenAI clients skip comment lines.
 
-However the stream ends (finished, error, client gone, server stopping), the engine requests are
-closed, which aborts those still running and frees their KV blocks.
+However the stream ends (finished, error, client gone, frozen reader cut, server stopping), the engine
+requests are closed, which aborts those still running and frees their KV blocks.
 """
 
 from __future__ import annotations
@@ -19,11 +19,13 @@ from collections.abc import AsyncGenerator
 
 from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
+from sse_starlette.sse import SendTimeoutError
 from starlette.types import Receive, Scope, Send
 
 from server.errors import error_body, error_kind, log_unexpected
 from server.formats import OutputFormat, usage_info
 from server.generation import Generation
+from server.metrics import ServerMetrics, StreamObserver
 
 logger = logging.getLogger(__name__)
 
@@ -36,24 +38,33 @@ def encode_frame(payload: BaseModel) -> bytes:
     return b"data: " + payload.model_dump_json(exclude_none=True).encode("utf-8") + b"\n\n"
 
 
-async def event_frames(job: Generation, fmt: OutputFormat, include_usage: bool) -> AsyncGenerator[bytes]:
+async def event_frames(
+    job: Generation, fmt: OutputFormat, include_usage: bool, observer: StreamObserver | None = None
+) -> AsyncGenerator[bytes]:
     """Every frame of one streamed response. An error mid-stream becomes one error event; `[DONE]`
     always comes last, unless the client has gone."""
+    observer = observer or StreamObserver()
+    failed = False
     try:
-        async for frame in _content_frames(job, fmt, include_usage):
+        async for frame in _content_frames(job, fmt, include_usage, observer):
             yield frame
     except Exception as exc:
+        failed = True
         if error_kind(exc).status == 500:
             log_unexpected(exc, job.request_id)
         else:
             logger.warning("request %s ended early: %s", job.request_id, type(exc).__name__)
-        yield encode_frame(error_body(exc))
+        # Whole, nulls included: the same {"message", "type", "param", "code"} as every error body.
+        yield b"data: " + error_body(exc).model_dump_json().encode("utf-8") + b"\n\n"
     finally:
+        observer.close(job.n, failed)
         await job.close()
     yield DONE_FRAME
 
 
-async def _content_frames(job: Generation, fmt: OutputFormat, include_usage: bool) -> AsyncGenerator[bytes]:
+async def _content_frames(
+    job: Generation, fmt: OutputFormat, include_usage: bool, observer: StreamObserver
+) -> AsyncGenerator[bytes]:
     for index in range(job.n):
         opening = fmt.opening(index)
         if opening is not None:
@@ -62,6 +73,7 @@ async def _content_frames(job: Generation, fmt: OutputFormat, include_usage: boo
     async with contextlib.aclosing(job.outputs()) as outputs:
         async for index, output in outputs:
             num_output_tokens[index] = output.num_output_tokens
+            observer.output(index, output)
             for chunk in fmt.chunks(index, output):
                 yield encode_frame(chunk)
     if include_usage:
@@ -79,10 +91,11 @@ class GenerationStreamResponse(EventSourceResponse):
         fmt: OutputFormat,
         include_usage: bool,
         ping_s: float,
-        send_timeout_s: float | None = None,  # frozen readers: a later issue sets this
+        send_timeout_s: float | None = None,  # None: the app's --send-timeout-s
     ) -> None:
+        self._observer = StreamObserver()
         super().__init__(
-            event_frames(job, fmt, include_usage),
+            event_frames(job, fmt, include_usage, self._observer),
             ping=ping_s,
             sep="\n",
             send_timeout=send_timeout_s,
@@ -90,7 +103,25 @@ class GenerationStreamResponse(EventSourceResponse):
         self._job = job
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        metrics, send_timeout_s = _from_app(scope)
+        self._observer.metrics = metrics
+        if self.send_timeout is None:
+            self.send_timeout = send_timeout_s
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # The client stopped reading: its request is aborted (the frame generator was closed) and
+            # the connection is dropped, since the response cannot be completed.
+            logger.warning("request %s: client stopped reading; stream cut", self._job.request_id)
         finally:
             await self._job.close()
+
+
+def _from_app(scope: Scope) -> tuple[ServerMetrics | None, float | None]:
+    """The app's metrics and send timeout: the routes build the response without them, and the scope
+    holds the app. (None, None) outside an app made by create_app."""
+    state = getattr(scope.get("app"), "state", None)
+    metrics = getattr(state, "metrics", None)
+    settings = getattr(getattr(state, "chatmed", None), "settings", None)
+    send_timeout_s = getattr(settings, "send_timeout_s", None)
+    return (metrics if isinstance(metrics, ServerMetrics) else None), send_timeout_s

@@ -103,7 +103,7 @@ class LlamaArgs:
 class LoraSegment:
     """Tokens [start, end) of the flat batch use one adapter.
 
-    `weights[layer][fused]` = (A [r, in], B [out, r]) with the scaling folded into B; a missing key means
+    `weights[layer][fused]` = (A [r, in], B^T [r, out]) with the scaling folded into B; a missing key means
     the adapter does not touch that projection."""
 
     start: int
@@ -119,9 +119,9 @@ def _linear_lora(
     for seg in segments:
         pair = seg.weights[layer].get(fused)
         if pair is not None:
-            a, b = pair
+            a, b_t = pair
             rows = y[seg.start : seg.end]
-            rows.addmm_(x[seg.start : seg.end] @ a.t(), b.t())
+            rows.addmm_(x[seg.start : seg.end] @ a.t(), b_t)
     return y
 
 

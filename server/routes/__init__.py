@@ -5,6 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.routes import chat, completions, health, models
+from server.routes import chat, completions, health, metrics, models
 
-API_ROUTERS: tuple[APIRouter, ...] = (health.router, models.router, chat.router, completions.router)
+API_ROUTERS: tuple[APIRouter, ...] = (
+    health.router,
+    metrics.router,
+    models.router,
+    chat.router,
+    completions.router,
+)

@@ -287,7 +287,7 @@ def test_error_table(exc: Exception, status: int) -> None:
     body = error_body(exc).error
     if status >= 500:
         assert "0x7f00" not in body.message and "prompt" not in body.message and body.type == "server_error"
-    assert all(kind.status in (400, 401, 404, 409, 429, 500, 503) for kind in ERROR_TABLE.values())
+    assert all(kind.status in (400, 401, 404, 409, 413, 429, 500, 503) for kind in ERROR_TABLE.values())
 
 
 async def test_our_bugs_are_500_without_internals(caplog: pytest.LogCaptureFixture) -> None:
