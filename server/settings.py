@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="weight dtype")
     kv_cache_memory_mb: int = Field(default=512, ge=1, description="memory for the paged KV cache, in MiB")
+    num_threads: int | None = Field(
+        default=None, ge=1, description="torch CPU threads of the engine; unset: torch's default"
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="requests running at once")
     max_model_len: int | None = Field(
         default=None, ge=2, description="context length in tokens; unset: the model's own"
@@ -154,6 +157,7 @@ class Settings(BaseSettings):
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras or max(self.max_loras, EngineConfig.max_cpu_loras),
             max_lora_rank=self.max_lora_rank,
+            num_threads=self.num_threads,
         )
 
 
