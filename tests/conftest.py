@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,15 @@ from engine.config import EngineConfig
 from engine.demo import DemoModel, DemoSpec, build_demo
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "chatmed"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_chatmed_environment() -> Iterator[None]:
+    """Settings read CHATMED_* variables: the caller's own (an API key, a base model) stay out of tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("CHATMED_")]:
+            patch.delenv(name)
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -6,9 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,15 +40,6 @@ class AdapterTree:
 
     def path(self, name: str) -> Path:
         return self.root / name
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _no_chatmed_environment() -> Iterator[None]:
-    """Settings read CHATMED_* variables: the caller's own stay out of these tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("CHATMED_")]:
-            patch.delenv(name)
-        yield
 
 
 def _edit_config(folder: Path, **changes: Any) -> None:

@@ -53,15 +53,6 @@ def long_chat(stream: bool = True, max_tokens: int = 400, **fields: Any) -> dict
     return chat(max_tokens=max_tokens, stream=stream, ignore_eos=True, **fields)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_chatmed_environment() -> Iterator[None]:
-    """Settings read CHATMED_* variables: the caller's own stay out of these tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("CHATMED_")]:
-            patch.delenv(name)
-        yield
-
-
 def new_engine(demo: DemoModel, **overrides: object) -> AsyncEngine:
     """An engine over the tiny demo with room for long_chat(); overrides win."""
     values: dict[str, object] = {"max_model_len": MAX_MODEL_LEN}

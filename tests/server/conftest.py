@@ -8,8 +8,7 @@ stops the engine itself, so that several apps (with and without an API key) can 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -68,15 +67,6 @@ def sse_json(body: str) -> tuple[list[dict[str, Any]], str]:
     """(the JSON events, the last payload) of an SSE body."""
     payloads = parse_sse(body)
     return [json.loads(p) for p in payloads[:-1]], payloads[-1]
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _no_chatmed_environment() -> Iterator[None]:
-    """Settings read CHATMED_* variables: the caller's own (an API key, a base model) stay out of tests."""
-    with pytest.MonkeyPatch.context() as patch:
-        for name in [name for name in os.environ if name.startswith("CHATMED_")]:
-            patch.delenv(name)
-        yield
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
