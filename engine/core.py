@@ -159,7 +159,7 @@ class EngineCore:
         n, limit = len(prompt_ids), self.max_model_len
         if n >= limit:
             raise PromptTooLong(
-                f"the prompt has {n} tokens; this model's context length is {limit}", param="messages"
+                f"the prompt has {n} tokens; this model's context length is {limit}", param="prompt"
             )
         if n + params.max_tokens > limit:
             raise PromptTooLong(

@@ -8,10 +8,11 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse
 
 from engine import SamplingParams
+from engine.errors import EngineError
 from server.dependencies import ServerState
 from server.formats import OutputFormat, usage_info
 from server.generation import ClientDisconnected, Generation, until_disconnect
-from server.protocol import SamplingRequest
+from server.protocol import ChatCompletionRequest, SamplingRequest
 from server.sse import GenerationStreamResponse
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,12 @@ async def respond(
     fmt: OutputFormat,
     body: SamplingRequest,
 ) -> Response:
-    job = await Generation.submit(state.engine, request_id, prompt_ids, params, adapter)
+    try:
+        job = await Generation.submit(state.engine, request_id, prompt_ids, params, adapter)
+    except EngineError as exc:
+        if exc.param == "prompt" and isinstance(body, ChatCompletionRequest):
+            exc.param = "messages"  # the engine names the prompt; a chat request's prompt is its messages
+        raise
     logger.info(
         "request %s: model %s, %d prompt tokens, n=%d, stream=%s",
         request_id,

@@ -196,7 +196,8 @@ async def test_every_bad_input_gets_its_status_and_an_openai_body(
 
 @pytest.mark.xfail(
     strict=True,
-    reason="engine/core.py names 'messages' for any prompt over the context, also on /v1/completions",
+    reason="known bug: this token-id prompt of 522 ids is answered 200 with usage.prompt_tokens 266, so the "
+    "list[int] prompt does not reach the engine as sent; see server/protocol.py, generation.py",
 )
 async def test_a_long_completion_prompt_with_max_tokens_names_prompt(client: httpx2.AsyncClient) -> None:
     response = await client.post(COMPLETIONS, json=completion(prompt=[5] * (MAX_MODEL_LEN + 10)))
