@@ -14,8 +14,7 @@ import httpx2
 import pytest
 
 from engine import AsyncEngine
-from tests.reliability.conftest import CONSULT, chat, wait_until_idle
-from tests.server.conftest import MAX_MODEL_LEN
+from tests.reliability.conftest import CONSULT, MAX_MODEL_LEN, chat, wait_until_idle
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -194,11 +193,6 @@ async def test_every_bad_input_gets_its_status_and_an_openai_body(
     assert num_5xx == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: this token-id prompt of 522 ids is answered 200 with usage.prompt_tokens 266, so the "
-    "list[int] prompt does not reach the engine as sent; see server/protocol.py, generation.py",
-)
 async def test_a_long_completion_prompt_with_max_tokens_names_prompt(client: httpx2.AsyncClient) -> None:
     response = await client.post(COMPLETIONS, json=completion(prompt=[5] * (MAX_MODEL_LEN + 10)))
     assert response.status_code == 400
