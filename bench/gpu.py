@@ -47,7 +47,7 @@ import torch
 
 from bench.report import Cell, format_ratio, format_table, write_json
 from engine import CHATMED_TEMPLATE, EngineConfig, EngineCore, SamplingParams, Tokenizer
-from engine.demo import DEMO_ADAPTERS, DEMO_LORA_ALPHA, LORA_TARGET_MODULES, build_tokenizer
+from engine.demo import DEMO_ADAPTERS, DEMO_LORA_ALPHA, LORA_TARGET_MODULES, build_tokenizer, llama_config
 
 T = TypeVar("T")
 # Bump when the files written by build_model change, so that stale cache folders are not reused.
@@ -241,25 +241,15 @@ def _write_base(
 ) -> None:
     """Tokenizer, config.json, and shards of at most shard_bytes with an index, as transformers writes."""
     from safetensors.torch import save_file
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
     build_tokenizer(folder, model_max_length=shape.max_position_embeddings)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    LlamaConfig(
+    llama_config(
+        shape,
         vocab_size=shape.vocab_size,
-        hidden_size=shape.hidden_size,
-        intermediate_size=shape.intermediate_size,
-        num_hidden_layers=shape.num_layers,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
-        max_position_embeddings=shape.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
-        rms_norm_eps=shape.rms_norm_eps,
+        special_ids=(tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id),
         tie_word_embeddings=False,
-        hidden_act="silu",
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
         dtype=str(dtype).removeprefix("torch."),
     ).save_pretrained(folder)
     shards = plan_shards(shape.tensors(), dtype.itemsize, shard_bytes)

@@ -23,12 +23,12 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from peft import PeftModel
     from tokenizers import Tokenizer
-    from transformers import PreTrainedModel
+    from transformers import LlamaConfig, PreTrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -170,26 +170,68 @@ def _build_into(folder: Path, final: Path, spec: DemoSpec) -> None:
         )
 
 
+class LlamaShape(Protocol):
+    """The sizes a LLaMA config needs (DemoSpec has them; so do the benchmarks' model shapes)."""
+
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def intermediate_size(self) -> int: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def num_heads(self) -> int: ...
+    @property
+    def num_kv_heads(self) -> int: ...
+    @property
+    def max_position_embeddings(self) -> int: ...
+    @property
+    def rope_theta(self) -> float: ...
+    @property
+    def rms_norm_eps(self) -> float: ...
+
+
+def llama_config(
+    shape: LlamaShape,
+    *,
+    vocab_size: int,
+    special_ids: tuple[int | None, int | None, int | None],
+    tie_word_embeddings: bool,
+    dtype: str,
+) -> LlamaConfig:
+    """A transformers LlamaConfig of this shape; special_ids are (bos, eos, pad)."""
+    from transformers import LlamaConfig
+
+    bos, eos, pad = special_ids
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_layers,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        rope_parameters={"rope_type": "default", "rope_theta": shape.rope_theta},
+        rms_norm_eps=shape.rms_norm_eps,
+        tie_word_embeddings=tie_word_embeddings,
+        hidden_act="silu",
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        dtype=dtype,
+    )
+
+
 def _build_base(folder: Path, spec: DemoSpec) -> None:
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     vocab = _vocab_and_merges()[0]
-    config = LlamaConfig(
+    config = llama_config(
+        spec,
         vocab_size=len(vocab),
-        hidden_size=spec.hidden_size,
-        intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.num_layers,
-        num_attention_heads=spec.num_heads,
-        num_key_value_heads=spec.num_kv_heads,
-        max_position_embeddings=spec.max_position_embeddings,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        rms_norm_eps=spec.rms_norm_eps,
+        special_ids=(vocab[BOS], vocab[EOS], vocab[PAD]),
         tie_word_embeddings=spec.tie_word_embeddings,
-        hidden_act="silu",
-        bos_token_id=vocab[BOS],
-        eos_token_id=vocab[EOS],
-        pad_token_id=vocab[PAD],
         dtype="float32",
     )
     # transformers initialises from the global RNG; fork it so the caller's random stream is untouched.
