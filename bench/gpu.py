@@ -739,14 +739,38 @@ def _mean(values: Sequence[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
+def decode_row(
+    core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float, setup: str | None = None
+) -> Row:
     """One request alone: the median of `steps` decode steps after a quarter as many warm-up steps."""
     warmup = max(2, steps // 4)
     _, _, log, partial = run_engine(core, [work], warmup + steps + 1, deadline, f"decode-{work.adapter}")
     timed, contexts = log.decode_s[warmup:], log.contexts[warmup:]
     adapters = {work.adapter} if work.adapter else set()
     floor_ms = floor.ms(1, _mean(contexts), adapters)
-    return Row(_OURS, work.adapter or _BASE, 1, len(timed), sum(timed), _median_ms(timed), floor_ms, partial)
+    label = setup or work.adapter or _BASE
+    return Row(_OURS, label, 1, len(timed), sum(timed), _median_ms(timed), floor_ms, partial)
+
+
+def eager_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
+    """The same batch-1 decode with CUDA graphs turned off: what replaying them saves."""
+    graphs = core.runner.graphs
+    core.runner.graphs = None
+    try:
+        return decode_row(core, work, steps, floor, deadline, f"{work.adapter or _BASE}, no CUDA graphs")
+    finally:
+        core.runner.graphs = graphs
+
+
+def engine_path(core: EngineCore) -> str:
+    """How the engine ran: its ops and what its CUDA graphs did."""
+    graphs = core.runner.graphs
+    text = f"{core.runner.model.ops.name} ops"
+    if graphs is None:
+        return text + ", no CUDA graphs"
+    if not graphs.capture:
+        return text + ", fixed-shape decode without capture"
+    return text + f", CUDA graphs: {graphs.num_captured} captured, {graphs.num_replays} replays"
 
 
 def throughput_row(
@@ -813,6 +837,13 @@ def engine_rows(
         row = budget.run(
             f"decode step, batch 1, {adapter or _BASE}",
             partial(decode_row, core, work, cfg.decode_steps, floor, deadline),
+            reserve_s=reserve_s,
+        )
+        rows += [row] if row is not None else []
+    if core.runner.graphs is not None and core.runner.graphs.capture:
+        row = budget.run(
+            "decode step, batch 1, base, no CUDA graphs",
+            partial(eager_decode_row, core, Work(prompts[0], None), cfg.decode_steps, floor, deadline),
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
@@ -887,6 +918,7 @@ class BenchResult:
     bandwidth_gbs: float = math.nan
     kv_cache_bytes: int = 0
     num_preemptions: int = 0
+    engine_path: str = "not run"
     guard: GuardResult | None = None
     rows: list[Row] = field(default_factory=list)
     phases: list[PhaseRecord] = field(default_factory=list)
@@ -931,6 +963,7 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
             _progress(f"guard: {_guard_line(result.guard)}")
         result.rows += engine_rows(core, cfg, prompts, floor, budget, reserve_s)
         result.num_preemptions = core.stats().num_preemptions
+        result.engine_path = engine_path(core)
         del core
         _release_memory(device)
     if hf is not None:
@@ -990,6 +1023,7 @@ def render(result: BenchResult) -> str:
         + " on all 7 projections",
         f"copy bandwidth: {result.bandwidth_gbs:.1f} GB/s (device-to-device copy, bytes read + written)",
         f"guard: {_guard_line(result.guard)}",
+        f"engine: {result.engine_path}",
         f"workload: prompts ~{cfg.prompt_len} random token ids, {cfg.max_tokens} new tokens each, greedy, "
         f"EOS ignored; KV cache {result.kv_cache_bytes / 1e9:.2f} GB, preemptions {result.num_preemptions}",
         "",
@@ -1078,6 +1112,7 @@ def payload(result: BenchResult) -> dict[str, Any]:
         "copy_bandwidth_gbs": result.bandwidth_gbs,
         "kv_cache_bytes": result.kv_cache_bytes,
         "num_preemptions": result.num_preemptions,
+        "engine_path": result.engine_path,
         "guard": asdict(result.guard) if result.guard is not None else None,
         "rows": rows,
         "mixed_over_base": {str(b): r for b, r in mixed_over_base(result.rows).items()},

@@ -19,6 +19,7 @@ class EngineConfig:
         unless num_kv_blocks is given.
     max_num_batched_tokens: the per-step token budget (chunked prefill splits longer prompts).
     max_loras: adapters resident in device slots at once; max_cpu_loras: more kept in host memory.
+    enforce_eager: on CUDA, never replay decode steps as CUDA graphs.
     """
 
     model_path: Path
@@ -36,6 +37,7 @@ class EngineConfig:
     max_cpu_loras: int = 16
     max_lora_rank: int = 64
     num_threads: int | None = None
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         positive = {

@@ -70,9 +70,11 @@ class EngineCore:
         self.scheduler = Scheduler(
             self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.loras.can_join
         )
-        self.runner = ModelRunner(
-            model, KVCache(shape, num_blocks, self.dtype, self.device), config.block_size, self.device
-        )
+        # One block more than the allocator hands out: the padding rows of fixed-shape decode steps.
+        kv = KVCache(shape, num_blocks + 1, self.dtype, self.device)
+        self.runner = ModelRunner(model, kv, config.block_size, self.device)
+        if self.device.type == "cuda" and model.ops.reads_in_place and not config.enforce_eager:
+            self.runner.use_fixed_decode(config.max_num_seqs, self.max_model_len, capture=True)
         self.sampler = Sampler(a.vocab_size, self.tokenizer.eos_token_id, self.device)
         self.requests: dict[str, _Request] = {}
         self.failed: list[tuple[str, Exception]] = []  # requests that failed in the last steps; caller drains

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from engine.errors import AdapterError
-from engine.model.llama import FUSED, LORA_TARGETS, LlamaArgs, LoraSegment
+from engine.model.llama import FUSED, LORA_TARGETS, LlamaArgs, LoraSegment, SegmentLora
 
 logger = logging.getLogger(__name__)
 
@@ -209,6 +209,7 @@ class LoraSlots:
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.resident: OrderedDict[str, LoraAdapter] = OrderedDict()
+        self.version = 0  # bumped whenever `resident` changes (decode graphs hold resident tensors)
 
     def add(self, adapter: LoraAdapter, in_use: set[str]) -> None:
         """Serve `adapter` (replacing one of the same name), evicting idle host copies beyond the limit."""
@@ -224,13 +225,17 @@ class LoraSlots:
         while len(self.host) > self.max_cpu_loras and idle:
             victim = idle.pop(0)
             del self.host[victim]
-            self.resident.pop(victim, None)
+            self._drop_resident(victim)
             logger.info("adapter %s evicted from host memory (max_cpu_loras %d)", victim, self.max_cpu_loras)
 
     def remove(self, name: str) -> None:
         self.paths.pop(name, None)
         self.host.pop(name, None)
-        self.resident.pop(name, None)
+        self._drop_resident(name)
+
+    def _drop_resident(self, name: str) -> None:
+        if self.resident.pop(name, None) is not None:
+            self.version += 1
 
     def touch(self, name: str) -> None:
         if name in self.host:
@@ -240,24 +245,26 @@ class LoraSlots:
         """A sequence may join the running set if its adapter fits within max_loras distinct adapters."""
         return adapter is None or adapter in active or len(active) < self.max_loras
 
-    def segments(self, spans: list[tuple[str | None, int, int]]) -> list[LoraSegment]:
+    def segments(self, spans: list[tuple[str | None, int, int]]) -> SegmentLora:
         """Per-step LoRA segments for token spans [(adapter, start, end)], making each adapter resident."""
         active = {name for name, _, _ in spans if name is not None}
         out = []
         for name, start, end in spans:
             if name is not None:
-                out.append(LoraSegment(start, end, self._resident(name, active).weights))
-        return out
+                out.append(LoraSegment(start, end, self.resident_adapter(name, active).weights))
+        return SegmentLora(out)
 
-    def _resident(self, name: str, active: set[str]) -> LoraAdapter:
+    def resident_adapter(self, name: str, active: set[str]) -> LoraAdapter:
+        """`name` on the device; with the slots full, the least recently used one not in `active` goes."""
         adapter = self.resident.get(name)
         if adapter is not None:
             self.resident.move_to_end(name)
             return adapter
         while len(self.resident) >= self.max_loras:
             victim = next(n for n in self.resident if n not in active)
-            del self.resident[victim]
+            self._drop_resident(victim)
             logger.debug("adapter %s evicted from the device", victim)
         adapter = self.host[name].to(self.device, self.dtype)  # no copy when already there
         self.resident[name] = adapter
+        self.version += 1
         return adapter

@@ -9,6 +9,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.lora import LoraSlots
 from engine.model.attention import AttentionBatch, PrefillChunk
+from engine.model.decode_graphs import DecodeGraphs
 from engine.model.llama import Llama
 from engine.scheduler import ScheduledSeq
 
@@ -23,17 +24,25 @@ class StepInputs:
 
 
 class ModelRunner:
-    """Owns the model and the KV tensors. `items` must be ordered so that equal adapters are adjacent."""
+    """Owns the model and the KV tensors. `items` must be ordered so that equal adapters are adjacent.
+    The KV cache's last block is kept spare for the padding rows of fixed-shape decode steps."""
 
     def __init__(self, model: Llama, kv: KVCache, block_size: int, device: torch.device) -> None:
         self.model = model
         self.kv = kv
         self.block_size = block_size
         self.device = device
+        self.graphs: DecodeGraphs | None = None
+
+    def use_fixed_decode(self, max_batch: int, max_model_len: int, capture: bool) -> None:
+        """Run decode-only steps through fixed buffers; `capture` replays them as CUDA graphs."""
+        self.graphs = DecodeGraphs(self.model, self.kv, self.block_size, max_batch, max_model_len, capture)
 
     @torch.inference_mode()
     def run(self, items: list[ScheduledSeq], loras: LoraSlots) -> torch.Tensor:
         """Forward the step; returns logits [N, vocab] (float32) for the items that sample, in order."""
+        if self.graphs is not None and self.graphs.fits(items):
+            return self.graphs.run(items, loras)
         inputs = self.prepare(items)
         segments = loras.segments(inputs.spans)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.attention, segments)
@@ -87,7 +96,7 @@ class ModelRunner:
         num_tokens: int,
     ) -> AttentionBatch:
         dev = self.device
-        decode_rows = decode_blocks = decode_mask = None
+        decode_rows = decode_blocks = decode_lens = decode_mask = None
         if decode_items:
             bs = self.block_size
             lengths = [item.start + 1 for _, item in decode_items]
@@ -95,15 +104,17 @@ class ModelRunner:
             tables = [item.seq.block_table[:max_blocks] for _, item in decode_items]
             padded = [t + [0] * (max_blocks - len(t)) for t in tables]
             decode_blocks = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, max_blocks]
-            length_t = torch.tensor(lengths, dtype=torch.long, device=dev)
-            positions = torch.arange(max_blocks * bs, device=dev)
-            decode_mask = (positions[None, :] < length_t[:, None])[:, None, None, :]
+            decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
+            if not self.model.ops.reads_in_place:
+                positions = torch.arange(max_blocks * bs, device=dev)
+                decode_mask = (positions[None, :] < decode_lens[:, None])[:, None, None, :]
             decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)
         return AttentionBatch(
             block_size=self.block_size,
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             decode_rows=decode_rows,
             decode_blocks=decode_blocks,
+            decode_lens=decode_lens,
             decode_mask=decode_mask,
             decode_is_all=len(decode_items) == num_tokens,
             prefills=prefills,

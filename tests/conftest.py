@@ -7,6 +7,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU the Triton kernels run under Triton's interpreter. It must be chosen before anything
+# imports triton (transformers and torch may), so here, before the test modules load.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from engine.config import EngineConfig
 from engine.demo import DemoModel, DemoSpec, build_demo

@@ -1,16 +1,20 @@
 """Attention over the paged KV cache for a flat batch of tokens from many sequences.
 
-New keys/values are written into their slots first; then decode tokens (one query per sequence) are
-attended in one padded batch, and prefill chunks one sequence at a time. On the CPU the cached keys are
-gathered by slot index and passed to scaled_dot_product_attention.
+New keys/values are already in their slots (the ops' rotary_store writes them); decode tokens (one query
+per sequence) are attended in one batch by the ops' decode attention, and prefill chunks one sequence at a
+time. The torch decode gathers each sequence's cached blocks and passes them to
+scaled_dot_product_attention; the Triton one reads the slots in place.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionBatch"], torch.Tensor]
 
 
 @dataclass
@@ -34,7 +38,8 @@ class AttentionBatch:
     slot_mapping: torch.Tensor  # [T] long: where each token's key/value is written
     decode_rows: torch.Tensor | None  # [B] long: flat indices of decode tokens (None: no decode tokens)
     decode_blocks: torch.Tensor | None  # [B, nb] long: each decode sequence's block table, padded with 0
-    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool: True where a key is real
+    decode_lens: torch.Tensor | None  # [B] long: each decode sequence's context length, its query included
+    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool: True where a key is real (torch ops)
     decode_is_all: bool  # every token of the step is a decode token, in order (skip the scatter)
     prefills: list[PrefillChunk]
 
@@ -46,17 +51,17 @@ def paged_attention(
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
     batch: AttentionBatch,
+    decode: DecodeFn,
 ) -> torch.Tensor:
-    """q: [T, H, D], k/v: [T, Hkv, D]; caches [slots, Hkv, D] (mutated: new keys written) -> [T, H*D]."""
+    """q: [T, H, D], k/v: [T, Hkv, D] (already in the caches [slots, Hkv, D]) -> [T, H*D].
+    `decode(q [B, H, D], k_cache, v_cache, batch)` attends the decode rows."""
     t, num_heads, head_dim = q.shape
-    k_cache.index_copy_(0, batch.slot_mapping, k)
-    v_cache.index_copy_(0, batch.slot_mapping, v)
     gqa = num_heads != k.shape[1]
     if batch.decode_is_all:
-        return _decode(q, k_cache, v_cache, batch, gqa).reshape(t, num_heads * head_dim)
+        return decode(q, k_cache, v_cache, batch).reshape(t, num_heads * head_dim)
     out = q.new_empty(t, num_heads, head_dim)
     if batch.decode_rows is not None:
-        out[batch.decode_rows] = _decode(q[batch.decode_rows], k_cache, v_cache, batch, gqa)
+        out[batch.decode_rows] = decode(q[batch.decode_rows], k_cache, v_cache, batch)
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         if chunk.fresh:
@@ -68,16 +73,19 @@ def paged_attention(
     return out.reshape(t, num_heads * head_dim)
 
 
-def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch, gqa: bool
+def gathered_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch
 ) -> torch.Tensor:
-    """q: [B, H, D] one query per sequence -> [B, H, D]."""
-    assert batch.decode_blocks is not None and batch.decode_mask is not None
+    """q: [B, H, D] one query per sequence -> [B, H, D], from whole blocks copied out of the cache."""
+    assert batch.decode_blocks is not None and batch.decode_lens is not None
+    mask = batch.decode_mask
+    if mask is None:
+        positions = torch.arange(batch.decode_blocks.shape[1] * batch.block_size, device=q.device)
+        mask = (positions[None, :] < batch.decode_lens[:, None])[:, None, None, :]
     keys = _gather(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, Hkv, L, D]
     values = _gather(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2), keys, values, attn_mask=batch.decode_mask, enable_gqa=gqa
-    )
+    gqa = q.shape[1] != k_cache.shape[1]
+    out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=gqa)
     return out.squeeze(2)
 
 

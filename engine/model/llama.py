@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model.attention import AttentionBatch, paged_attention
+from engine.model.ops import TorchOps, ops_for
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class LlamaArgs:
         return self.hidden_size
 
 
+LayerLora = list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+
+
 @dataclass
 class LoraSegment:
     """Tokens [start, end) of the flat batch use one adapter.
@@ -108,34 +112,65 @@ class LoraSegment:
 
     start: int
     end: int
-    weights: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    weights: LayerLora
+
+
+class LoraBatch:
+    """How one step's tokens use adapters: adds each token's low-rank delta to a projection's output."""
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
+        raise NotImplementedError
+
+
+class SegmentLora(LoraBatch):
+    """Tokens grouped by adapter into contiguous segments: one pair of matmuls on each segment's rows."""
+
+    def __init__(self, segments: list[LoraSegment]) -> None:
+        self.segments = segments
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
+        for seg in self.segments:
+            pair = seg.weights[layer].get(fused)
+            if pair is not None:
+                a, b_t = pair
+                y[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ a.t(), b_t)
+
+
+class MaskedLora(LoraBatch):
+    """Fixed shapes for CUDA graphs: each adapter's pair of matmuls runs on every row and a [T, 1] mask
+    keeps its own rows (no mask: every row that matters uses the adapter)."""
+
+    def __init__(self, entries: list[tuple[LayerLora, torch.Tensor | None]]) -> None:
+        self.entries = entries
+
+    def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
+        for weights, mask in self.entries:
+            pair = weights[layer].get(fused)
+            if pair is not None:
+                a, b_t = pair
+                low = x @ a.t()
+                y.addmm_(low if mask is None else low * mask, b_t)
+
+
+NO_LORA = SegmentLora([])
 
 
 def _linear_lora(
-    x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, segments: list[LoraSegment]
+    x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, lora: LoraBatch
 ) -> torch.Tensor:
-    """y = x W^T, plus each segment's low-rank delta (x_s A^T) B^T on its own rows only."""
+    """y = x W^T plus the adapters' low-rank deltas."""
     y = F.linear(x, weight)
-    for seg in segments:
-        pair = seg.weights[layer].get(fused)
-        if pair is not None:
-            a, b_t = pair
-            rows = y[seg.start : seg.end]
-            rows.addmm_(x[seg.start : seg.end] @ a.t(), b_t)
+    lora.add_delta(y, x, layer, fused)
     return y
 
 
 class RMSNorm(nn.Module):
+    """Holds the norm's weight; the model's ops compute it."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 like the reference implementation, then cast back.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 class Rotary(nn.Module):
@@ -155,13 +190,6 @@ class Rotary(nn.Module):
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [T] -> (cos, sin), each [T, 1, head_dim]: looked up once per step for all layers."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, head_dim] rotated by each token's position."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
 
 
 class Block(nn.Module):
@@ -186,23 +214,20 @@ class Block(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],
         kv: KVCache,
         attn: AttentionBatch,
-        lora: list[LoraSegment],
+        lora: LoraBatch,
+        ops: TorchOps,
     ) -> torch.Tensor:
         a = self.args
-        t = x.shape[0]
-        h = self.attn_norm(x)
+        h = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
         qkv = _linear_lora(h, self.qkv, self.layer, "qkv", lora)
-        q_out, kv_out = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        q = qkv[:, :q_out].view(t, a.num_heads, a.head_dim)
-        k = qkv[:, q_out : q_out + kv_out].view(t, a.num_kv_heads, a.head_dim)
-        v = qkv[:, q_out + kv_out :].view(t, a.num_kv_heads, a.head_dim)
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        o = paged_attention(q, k, v, kv.keys[self.layer], kv.values[self.layer], attn)  # [T, q_out]
-        x = x + _linear_lora(o, self.o, self.layer, "o", lora)
-        h = self.mlp_norm(x)
+        keys, values = kv.keys[self.layer], kv.values[self.layer]
+        q, k, v = ops.rotary_store(qkv, *rope, keys, values, attn.slot_mapping, a.num_heads, a.num_kv_heads)
+        o = paged_attention(q, k, v, keys, values, attn, ops.decode_attention)  # [T, q_out]
+        x, h = ops.add_rms_norm(
+            x, _linear_lora(o, self.o, self.layer, "o", lora), self.mlp_norm.weight, self.mlp_norm.eps
+        )
         gate_up = _linear_lora(h, self.gate_up, self.layer, "gate_up", lora)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return x + _linear_lora(F.silu(gate) * up, self.down, self.layer, "down", lora)
+        return x + _linear_lora(ops.silu_mul(gate_up), self.down, self.layer, "down", lora)
 
 
 class Llama(nn.Module):
@@ -214,6 +239,7 @@ class Llama(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         self.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
+        self.ops: TorchOps = TorchOps()
         self.requires_grad_(False)
 
     def forward(
@@ -222,18 +248,19 @@ class Llama(nn.Module):
         positions: torch.Tensor,
         kv: KVCache,
         attn: AttentionBatch,
-        lora: list[LoraSegment],
+        lora: LoraBatch,
     ) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden] (norm not yet applied)."""
         x = self.embed(input_ids)
         rope = self.rotary(positions, x.dtype)
         for block in self.layers:
-            x = block(x, rope, kv, attn, lora)
+            x = block(x, rope, kv, attn, lora, self.ops)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
-        return F.linear(self.norm(hidden), self.lm_head).float()
+        normed = self.ops.rms_norm(hidden.contiguous(), self.norm.weight, self.norm.eps)
+        return F.linear(normed, self.lm_head).float()
 
 
 def load_llama(path: Path, dtype: torch.dtype, device: torch.device, max_len: int) -> Llama:
@@ -263,11 +290,17 @@ def load_llama(path: Path, dtype: torch.dtype, device: torch.device, max_len: in
     model.load_state_dict({k: v.to(dtype) for k, v in params.items()}, strict=False, assign=True)
     model.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
     model.to(device)
+    model.ops = ops_for(device)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"checkpoint lacks tensors for: {missing[:5]}")
     logger.info(
-        "loaded LLaMA %s (%d layers, hidden %d) in %s", path.name, args.num_layers, args.hidden_size, dtype
+        "loaded LLaMA %s (%d layers, hidden %d) in %s, %s ops",
+        path.name,
+        args.num_layers,
+        args.hidden_size,
+        dtype,
+        model.ops.name,
     )
     return model
 

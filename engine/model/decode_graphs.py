@@ -1,0 +1,186 @@
+"""Decode-only steps through fixed buffers, captured once per shape as CUDA graphs and replayed.
+
+A step in which every sequence decodes one token is padded up to a bucket size (1, 2, 4, 8, then
+multiples of 16) and runs on buffers whose addresses never change: token ids, positions, cache slots,
+context lengths, block tables and each row's adapter index. Adapters use MaskedLora, so the shapes do not
+depend on how many rows each adapter has; a graph is keyed by the bucket, the resident adapters it reads
+and whether rows need masks. Padding rows point at a block of the KV cache that no sequence owns.
+
+With `capture=False` the same fixed-shape forward runs eagerly, which is how the CPU tests check it
+against the ordinary path. Capturing needs decode attention that reads only each row's own blocks (the
+Triton ops): the torch gather would copy the whole width of the block table.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from engine.kv_cache import KVCache
+from engine.lora import LoraAdapter, LoraSlots
+from engine.model.attention import AttentionBatch
+from engine.model.llama import Llama, MaskedLora
+from engine.scheduler import ScheduledSeq
+
+logger = logging.getLogger(__name__)
+
+_IDS, _POSITIONS, _SLOTS, _LENS, _LORA = range(5)
+GraphKey = tuple[int, tuple[int, ...], bool]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Padded batch sizes: 1, 2, 4, 8, then multiples of 16, the last one covering max_batch."""
+    sizes: list[int] = []
+    size = 1
+    while True:
+        sizes.append(size)
+        if size >= max_batch:
+            return sizes
+        size = size * 2 if size < 16 else size + 16
+
+
+@dataclass
+class _Entry:
+    graph: torch.cuda.CUDAGraph | None
+    logits: torch.Tensor | None  # the graph's output buffer [bucket, vocab]
+    adapters: tuple[LoraAdapter, ...]  # kept alive: the graph reads their tensors
+
+
+class DecodeGraphs:
+    """Fixed-shape decode steps for one model and KV cache. Engine thread only."""
+
+    def __init__(
+        self,
+        model: Llama,
+        kv: KVCache,
+        block_size: int,
+        max_batch: int,
+        max_model_len: int,
+        capture: bool,
+        max_graphs: int = 96,
+    ) -> None:
+        self.model = model
+        self.kv = kv
+        self.block_size = block_size
+        self.buckets = batch_buckets(max_batch)
+        self.capture = capture
+        self.max_graphs = max_graphs
+        self.pad_block = kv.num_blocks - 1  # the cache's spare block, which the allocator never hands out
+        device = kv.keys[0].device
+        rows = self.buckets[-1]
+        self.width = -(-max_model_len // block_size)
+        self.vectors = torch.zeros(5, rows, dtype=torch.long, device=device)
+        self.tables = torch.zeros(rows, self.width, dtype=torch.long, device=device)
+        self.entries: OrderedDict[GraphKey, _Entry] = OrderedDict()
+        self.pool: Any = None  # the graphs' shared memory pool
+        self.lora_version = -1
+        self.num_captured = 0
+        self.num_replays = 0
+
+    def fits(self, items: list[ScheduledSeq]) -> bool:
+        """Whether the step is decode-only and small enough for the largest bucket."""
+        return len(items) <= self.buckets[-1] and all(i.num_new_tokens == 1 and i.samples for i in items)
+
+    def run(self, items: list[ScheduledSeq], loras: LoraSlots) -> torch.Tensor:
+        """Logits [len(items), vocab] (float32) for a decode-only step."""
+        n = len(items)
+        bucket = next(b for b in self.buckets if b >= n)
+        names = list(dict.fromkeys(i.seq.adapter for i in items if i.seq.adapter is not None))
+        active = set(names)
+        adapters = tuple(loras.resident_adapter(name, active) for name in names)
+        self._fill(items, bucket, {name: j for j, name in enumerate(names)})
+        need_mask = bool(names) and (len(names) > 1 or any(i.seq.adapter is None for i in items))
+        if loras.version != self.lora_version:
+            self._forget_stale(loras)
+        key = (bucket, tuple(id(a) for a in adapters), need_mask)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = (
+                self._capture(bucket, adapters, need_mask) if self.capture else _Entry(None, None, adapters)
+            )
+            self.entries[key] = entry
+            while len(self.entries) > self.max_graphs:
+                self.entries.popitem(last=False)
+        else:
+            self.entries.move_to_end(key)
+        if entry.graph is None or entry.logits is None:
+            return self._forward(bucket, adapters, need_mask)[:n]
+        entry.graph.replay()
+        self.num_replays += 1
+        return entry.logits[:n]
+
+    def _fill(self, items: list[ScheduledSeq], bucket: int, lora_index: dict[str, int]) -> None:
+        """Copy the step's inputs into the fixed buffers; padding rows read and write the spare block."""
+        bs = self.block_size
+        ids, positions, slots, lens, lora = [], [], [], [], []
+        tables: list[list[int]] = []
+        for item in items:
+            seq, pos = item.seq, item.start
+            table = seq.block_table
+            ids.append(seq.token_ids[pos])
+            positions.append(pos)
+            slots.append(table[pos // bs] * bs + pos % bs)
+            lens.append(pos + 1)
+            lora.append(-1 if seq.adapter is None else lora_index[seq.adapter])
+            tables.append(table[: pos // bs + 1])
+        pad = bucket - len(items)
+        ids += [0] * pad
+        positions += [0] * pad
+        slots += [self.pad_block * bs] * pad
+        lens += [1] * pad
+        lora += [-1] * pad
+        tables += [[self.pad_block]] * pad
+        cols = max(len(t) for t in tables)
+        # Columns past a row's own blocks keep stale ids: attention reads only the first `len` positions.
+        padded = [t + [self.pad_block] * (cols - len(t)) for t in tables]
+        self.vectors[:, :bucket].copy_(torch.tensor([ids, positions, slots, lens, lora]), non_blocking=True)
+        self.tables[:bucket, :cols].copy_(torch.tensor(padded), non_blocking=True)
+
+    def _forward(self, bucket: int, adapters: tuple[LoraAdapter, ...], need_mask: bool) -> torch.Tensor:
+        """The fixed-shape step on buffers [:bucket]: logits [bucket, vocab]."""
+        v = self.vectors[:, :bucket]
+        attn = AttentionBatch(
+            block_size=self.block_size,
+            slot_mapping=v[_SLOTS],
+            decode_rows=None,
+            decode_blocks=self.tables[:bucket],
+            decode_lens=v[_LENS],
+            decode_mask=None,
+            decode_is_all=True,
+            prefills=[],
+        )
+        dtype = self.model.lm_head.dtype
+        entries = [
+            (adapter.weights, (v[_LORA] == j).unsqueeze(1).to(dtype) if need_mask else None)
+            for j, adapter in enumerate(adapters)
+        ]
+        hidden = self.model(v[_IDS], v[_POSITIONS], self.kv, attn, MaskedLora(entries))
+        return self.model.compute_logits(hidden)
+
+    def _capture(self, bucket: int, adapters: tuple[LoraAdapter, ...], need_mask: bool) -> _Entry:
+        """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture. Running
+        the step again on replay is harmless: it writes the same keys and values to the same slots."""
+        current = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            self._forward(bucket, adapters, need_mask)
+        current.wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._forward(bucket, adapters, need_mask)
+        self.pool = graph.pool()
+        self.num_captured += 1
+        logger.debug("captured a decode graph: batch %d, %d adapters", bucket, len(adapters))
+        return _Entry(graph, logits, adapters)
+
+    def _forget_stale(self, loras: LoraSlots) -> None:
+        """Drop graphs that read an adapter no longer resident, so its device memory can go."""
+        resident = {id(a) for a in loras.resident.values()}
+        for key in [k for k, e in self.entries.items() if any(id(a) not in resident for a in e.adapters)]:
+            del self.entries[key]
+        self.lora_version = loras.version

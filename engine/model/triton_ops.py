@@ -1,0 +1,273 @@
+"""Triton kernels for the CUDA path: each replaces several small torch launches, and decode attention reads
+the paged KV cache in place instead of gathering it.
+
+Every kernel computes in float32 and rounds where the torch path rounds (HF LLaMA's order of operations),
+so norm, rotary and SwiGLU give the torch ops' results; attention accumulates in float32. (Triton's CPU
+interpreter truncates float32 to bfloat16 where a GPU rounds to nearest, so there bf16 results may differ
+from torch's by one unit in the last place.) Imported only
+when Triton is installed; the kernels also run on the CPU under TRITON_INTERPRET=1, which is how the CPU
+test suite checks them against the torch ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    delta_ptr,
+    sum_ptr,
+    out_ptr,
+    w_ptr,
+    n_cols,
+    x_stride,
+    delta_stride,
+    eps,
+    HAS_DELTA: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    x = tl.load(x_ptr + row * x_stride + cols, mask=inside, other=0.0)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + row * delta_stride + cols, mask=inside, other=0.0)
+        x = (x.to(tl.float32) + delta.to(tl.float32)).to(x.dtype)
+        tl.store(sum_ptr + row * n_cols + cols, x, mask=inside)
+    xf = x.to(tl.float32)
+    inv_rms = tl.rsqrt(tl.sum(xf * xf, 0) / n_cols + eps)
+    normed = (xf * inv_rms).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=inside, other=0.0)
+    tl.store(
+        out_ptr + row * n_cols + cols, (normed.to(tl.float32) * w.to(tl.float32)).to(x.dtype), mask=inside
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [T, n] -> weight * normalise(x), normalised in float32 and cast back before the weight."""
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    _norm(x, None, out, out, weight, eps)
+    return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)) in one pass over the row."""
+    summed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(summed)
+    _norm(x, delta, summed, out, weight, eps)
+    return summed, out
+
+
+def _norm(
+    x: torch.Tensor,
+    delta: torch.Tensor | None,
+    summed: torch.Tensor,
+    out: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+) -> None:
+    rows, n = x.shape
+    assert x.stride(1) == 1 and (delta is None or delta.stride(1) == 1)
+    _rms_norm_kernel[(rows,)](
+        x,
+        x if delta is None else delta,
+        summed,
+        out,
+        weight,
+        n,
+        x.stride(0),
+        x.stride(0) if delta is None else delta.stride(0),
+        eps,
+        HAS_DELTA=delta is not None,
+        BLOCK=triton.next_power_of_2(n),
+    )
+
+
+@triton.jit
+def _silu_mul_kernel(gate_up_ptr, out_ptr, n_cols, row_stride, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    inside = cols < n_cols
+    gate = tl.load(gate_up_ptr + row * row_stride + cols, mask=inside, other=0.0)
+    up = tl.load(gate_up_ptr + row * row_stride + n_cols + cols, mask=inside, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g * tl.sigmoid(g)).to(gate.dtype)
+    tl.store(
+        out_ptr + row * n_cols + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=inside
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [T, 2n] (gate then up) -> silu(gate) * up [T, n]."""
+    rows, width = gate_up.shape
+    n = width // 2
+    assert gate_up.stride(1) == 1
+    out = torch.empty(rows, n, dtype=gate_up.dtype, device=gate_up.device)
+    block = 1024
+    _silu_mul_kernel[(rows, triton.cdiv(n, block))](gate_up, out, n, gate_up.stride(0), BLOCK=block)
+    return out
+
+
+@triton.jit
+def _rotary_store_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    qk_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    qkv_stride,
+    num_heads,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+):
+    """One program per (token, q or k head): rotate the head; a k head also stores itself and its v head
+    into the token's cache slot."""
+    t = tl.program_id(0)
+    head = tl.program_id(1)
+    half = HALF
+    lo = tl.arange(0, HALF)
+    src = qkv_ptr + t * qkv_stride + head * HEAD_DIM
+    x1 = tl.load(src + lo)
+    x2 = tl.load(src + half + lo)
+    dtype = x1.dtype
+    cos1 = tl.load(cos_ptr + t * HEAD_DIM + lo).to(tl.float32)
+    cos2 = tl.load(cos_ptr + t * HEAD_DIM + half + lo).to(tl.float32)
+    sin1 = tl.load(sin_ptr + t * HEAD_DIM + lo).to(tl.float32)
+    sin2 = tl.load(sin_ptr + t * HEAD_DIM + half + lo).to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    # HF: x * cos + rotate_half(x) * sin with rotate_half(x) = (-x2, x1), each product rounded to dtype.
+    out1 = ((a1 * cos1).to(dtype).to(tl.float32) + (-a2 * sin1).to(dtype).to(tl.float32)).to(dtype)
+    out2 = ((a2 * cos2).to(dtype).to(tl.float32) + (a1 * sin2).to(dtype).to(tl.float32)).to(dtype)
+    dst = qk_ptr + (t * (num_heads + num_kv_heads) + head) * HEAD_DIM
+    tl.store(dst + lo, out1)
+    tl.store(dst + half + lo, out2)
+    if head >= num_heads:
+        kv_head = head - num_heads
+        slot = tl.load(slot_ptr + t)
+        cache = (slot * num_kv_heads + kv_head) * HEAD_DIM
+        tl.store(k_cache_ptr + cache + lo, out1)
+        tl.store(k_cache_ptr + cache + half + lo, out2)
+        dims = tl.arange(0, HEAD_DIM)
+        v = tl.load(src + num_kv_heads * HEAD_DIM + dims)
+        tl.store(v_cache_ptr + cache + dims, v)
+
+
+def rotary_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+) -> torch.Tensor:
+    """qkv [T, (H + 2 Hkv) D]; cos/sin [T, 1, D] -> rotated q|k [T, H + Hkv, D]; k and v stored in the
+    caches [slots, Hkv, D] at each token's slot."""
+    tokens = qkv.shape[0]
+    head_dim = k_cache.shape[-1]
+    assert qkv.stride(1) == 1 and cos.is_contiguous() and sin.is_contiguous() and k_cache.is_contiguous()
+    qk = torch.empty(tokens, num_heads + num_kv_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    _rotary_store_kernel[(tokens, num_heads + num_kv_heads)](
+        qkv,
+        cos,
+        sin,
+        qk,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        qkv.stride(0),
+        num_heads,
+        num_kv_heads,
+        HEAD_DIM=head_dim,
+        HALF=head_dim // 2,
+    )
+    return qk
+
+
+@triton.jit
+def _paged_decode_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    tables_ptr,
+    lens_ptr,
+    out_ptr,
+    table_stride,
+    scale,
+    num_heads,
+    num_kv_heads,
+    BLOCK_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One program per (sequence, query head): online softmax over the sequence's keys, read in place
+    from their cache slots, BLOCK_N positions at a time."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // (num_heads // num_kv_heads)
+    dims = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + (seq * num_heads + head) * HEAD_DIM + dims).to(tl.float32) * scale
+    context_len = tl.load(lens_ptr + seq)
+    offsets = tl.arange(0, BLOCK_N)
+    m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+    l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for start in range(0, context_len, BLOCK_N):
+        pos = start + offsets
+        valid = pos < context_len
+        block = tl.load(tables_ptr + seq * table_stride + pos // BLOCK_SIZE, mask=valid, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        where = (slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :]
+        k = tl.load(k_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
+        scores = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))
+        p = tl.exp(scores - m_new)
+        alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha + tl.sum(p[:, None] * v, 0)
+        l_i = l_i * alpha + tl.sum(p, 0)
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_size: int,
+) -> torch.Tensor:
+    """q [B, H, D], one query per sequence at its last position; caches [slots, Hkv, D]; block_tables
+    [B, nb]; context_lens [B] (the query's own key included) -> [B, H, D]. A row of length 0 gives zeros."""
+    batch, num_heads, head_dim = q.shape
+    assert q.is_contiguous() and k_cache.is_contiguous() and block_tables.stride(1) == 1
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(batch, num_heads)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        block_tables.stride(0),
+        head_dim**-0.5,
+        num_heads,
+        k_cache.shape[1],
+        BLOCK_SIZE=block_size,
+        HEAD_DIM=head_dim,
+        BLOCK_N=64,
+        num_warps=4,
+    )
+    return out

@@ -1,0 +1,110 @@
+"""Fixed-shape decode steps (what CUDA graphs replay) give the ordinary path's tokens. On the CPU they run
+eagerly through the same buffers; on a GPU (marked `gpu`) they are captured and replayed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.core import EngineCore
+from engine.demo import DemoModel
+from engine.model.decode_graphs import batch_buckets
+from engine.types import RequestOutput, SamplingParams
+from tests.conftest import engine_config
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+QUESTIONS = (
+    "问：头痛发热三天怎么办？\n答：",
+    "问：失眠多梦。\n答：",
+    "问：咳嗽\n答：",
+    "问：胃胀\n答：",
+    "问：腰痛\n答：",
+)
+ADAPTERS = ["chatmed-tcm", None, "chatmed-consult", "chatmed-tcm", None]
+
+
+def _prompts(core: EngineCore) -> list[list[int]]:
+    return [core.tokenizer.encode(q) for q in QUESTIONS]
+
+
+def _tokens(outputs: list[RequestOutput]) -> list[list[int]]:
+    return [o.token_ids for o in outputs]
+
+
+def test_buckets_grow_by_doubling_then_by_16_and_cover_the_largest_batch() -> None:
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(5) == [1, 2, 4, 8]
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 48, 64]
+    assert batch_buckets(70)[-1] == 80
+
+
+@pytest.fixture(scope="module")
+def eager(demo: DemoModel) -> EngineCore:
+    return EngineCore(engine_config(demo))
+
+
+@pytest.mark.parametrize("count", [1, 3, 5])
+def test_fixed_decode_gives_the_ordinary_tokens(demo: DemoModel, eager: EngineCore, count: int) -> None:
+    """Batches padded to a bucket (3 -> 4, 5 -> 8), adapters mixed with the base, and one adapter alone."""
+    fixed = EngineCore(engine_config(demo))
+    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False)
+    prompts, adapters = _prompts(fixed)[:count], ADAPTERS[:count]
+    assert _tokens(fixed.generate(prompts, GREEDY, adapters)) == _tokens(
+        eager.generate(prompts, GREEDY, adapters)
+    )
+    graphs = fixed.runner.graphs
+    assert graphs is not None and graphs.entries, "no decode step went through the fixed buffers"
+    assert fixed.allocator.num_free == fixed.allocator.num_blocks
+
+
+def test_fixed_decode_with_one_device_slot_follows_evictions(demo: DemoModel, eager: EngineCore) -> None:
+    """--max-loras 1: the adapters take turns on the device; entries reading an evicted one are dropped."""
+    fixed = EngineCore(engine_config(demo, max_loras=1))
+    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False)
+    prompts = _prompts(fixed)
+    assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == _tokens(
+        eager.generate(prompts, GREEDY, ADAPTERS)
+    )
+    graphs = fixed.runner.graphs
+    assert graphs is not None
+    resident = {id(a) for a in fixed.loras.resident.values()}
+    assert all(id(a) in resident for entry in graphs.entries.values() for a in entry.adapters)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graph_replays_give_the_eager_tokens(demo: DemoModel, dtype: str) -> None:
+    graphed = EngineCore(engine_config(demo, device="cuda", dtype=dtype))
+    eager = EngineCore(engine_config(demo, device="cuda", dtype=dtype, enforce_eager=True))
+    assert graphed.runner.graphs is not None and eager.runner.graphs is None
+    prompts = _prompts(graphed)
+    for count in (1, 3, 5):
+        ours = graphed.generate(prompts[:count], GREEDY, ADAPTERS[:count])
+        assert _tokens(ours) == _tokens(eager.generate(prompts[:count], GREEDY, ADAPTERS[:count]))
+    assert graphed.runner.graphs.num_captured > 0 and graphed.runner.graphs.num_replays > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("adapter", ["chatmed-tcm", None])
+def test_cuda_greedy_tokens_equal_transformers_generate(demo: DemoModel, adapter: str | None) -> None:
+    """Triton ops, prefill and replayed decode graphs in float32 against transformers (+ peft) on the CPU."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    core = EngineCore(engine_config(demo, device="cuda"))
+    prompt = _prompts(core)[0]
+    ours = core.generate([prompt], GREEDY, [adapter])[0]
+    model = AutoModelForCausalLM.from_pretrained(demo.base_path, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, demo.adapters[adapter])
+    with torch.no_grad():
+        ref = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=GREEDY.max_tokens,
+            min_new_tokens=GREEDY.max_tokens,
+            do_sample=False,
+        )
+    assert ours.token_ids == ref[0, len(prompt) :].tolist()
+    assert core.runner.model.ops.name == "triton"

@@ -1,0 +1,111 @@
+"""The Triton kernels against the torch ops they replace: on a GPU when there is one, else on the CPU
+under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before triton is imported)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from engine.core import EngineCore
+from engine.demo import DemoModel
+from engine.model import triton_ops
+from engine.model.attention import AttentionBatch
+from engine.model.ops import TorchOps, TritonOps
+from engine.types import SamplingParams
+from tests.conftest import engine_config
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TORCH = TorchOps()
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _close(ours: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    # float32: the same arithmetic. bfloat16: the interpreter truncates where torch rounds (a unit or two
+    # in the last place, 2^-8 relative each); an indexing mistake is off by whole values.
+    if dtype == torch.float32:
+        torch.testing.assert_close(ours, ref, atol=2e-6, rtol=2e-6)
+    else:
+        torch.testing.assert_close(ours.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rms_norm_and_add_rms_norm_match_torch(dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(1)
+    x, delta = (torch.randn(7, 96, generator=g).to(DEVICE, dtype) for _ in range(2))
+    weight = torch.randn(96, generator=g).to(DEVICE, dtype)
+    _close(triton_ops.rms_norm(x, weight, 1e-6), TORCH.rms_norm(x, weight, 1e-6), dtype)
+    summed, normed = triton_ops.add_rms_norm(x, delta, weight, 1e-6)
+    ref_summed, ref_normed = TORCH.add_rms_norm(x, delta, weight, 1e-6)
+    _close(summed, ref_summed, dtype)
+    _close(normed, ref_normed, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_silu_mul_matches_torch(dtype: torch.dtype) -> None:
+    gate_up = torch.randn(5, 2 * 1100, generator=torch.Generator().manual_seed(2)).to(DEVICE, dtype)
+    _close(triton_ops.silu_mul(gate_up), TORCH.silu_mul(gate_up), dtype)
+
+
+@pytest.mark.parametrize(("dtype", "kv_heads"), [(torch.float32, 2), (torch.bfloat16, 4)])
+def test_rotary_store_rotates_and_fills_the_same_slots(dtype: torch.dtype, kv_heads: int) -> None:
+    g = torch.Generator().manual_seed(3)
+    heads, head_dim, tokens = 4, 16, 6
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim, generator=g).to(DEVICE, dtype)
+    cos, sin = (torch.randn(tokens, 1, head_dim, generator=g).to(DEVICE, dtype) for _ in range(2))
+    slots = torch.tensor([3, 17, 40, 41, 8, 63], device=DEVICE)
+    caches = [torch.full((64, kv_heads, head_dim), 7.0, dtype=dtype, device=DEVICE) for _ in range(4)]
+    q, k, v = TORCH.rotary_store(qkv, cos, sin, caches[0], caches[1], slots, heads, kv_heads)
+    q2, k2, v2 = TritonOps().rotary_store(qkv, cos, sin, caches[2], caches[3], slots, heads, kv_heads)
+    _close(q2, q, dtype)
+    _close(k2, k, dtype)
+    assert torch.equal(v2, v)
+    _close(caches[2], caches[0], dtype)
+    assert torch.equal(caches[3], caches[1])
+    untouched = torch.ones(64, dtype=torch.bool)
+    untouched[slots.cpu()] = False
+    assert (caches[2][untouched.to(DEVICE)] == 7.0).all()
+
+
+@pytest.mark.parametrize(("dtype", "heads", "kv_heads", "block_size"), [
+    (torch.float32, 4, 4, 16),
+    (torch.float32, 8, 2, 4),
+    (torch.bfloat16, 4, 2, 16),
+])  # fmt: skip
+def test_paged_decode_reads_the_cache_in_place_like_the_gather(
+    dtype: torch.dtype, heads: int, kv_heads: int, block_size: int
+) -> None:
+    g = torch.Generator().manual_seed(4)
+    head_dim = 32
+    lens = torch.tensor([1, 7, 70, 129, block_size * 10], device=DEVICE)
+    width = -(-int(lens.max()) // block_size)
+    num_blocks = 5 * width
+    k_cache, v_cache = (
+        torch.randn(num_blocks * block_size, kv_heads, head_dim, generator=g).to(DEVICE, dtype)
+        for _ in range(2)
+    )
+    # Each row owns distinct blocks, in a scrambled order.
+    tables = torch.randperm(num_blocks, generator=g).view(5, width).to(DEVICE)
+    q = torch.randn(5, heads, head_dim, generator=g).to(DEVICE, dtype)
+    batch = AttentionBatch(block_size, lens, None, tables, lens, None, True, [])
+    ours = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
+    _close(ours, TORCH.decode_attention(q, k_cache, v_cache, batch), dtype)
+    # A row with nothing to attend (the padding of fixed-shape steps) gives zeros, not NaN.
+    empty = triton_ops.paged_decode_attention(q[:1], k_cache, v_cache, tables[:1], lens[:1] * 0, block_size)
+    assert (empty == 0).all()
+
+
+def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoModel) -> None:
+    """Prefill, chunked prefill and decode, both adapters and the base in one batch."""
+    core = EngineCore(engine_config(demo, max_num_batched_tokens=24))
+    prompts = [
+        core.tokenizer.encode(text) for text in ("问：头痛怎么办？\n答：", "问：失眠多梦，舌苔黄腻。\n答：")
+    ]
+    prompts.append(prompts[0][:5])
+    adapters = ["chatmed-consult", None, "chatmed-tcm"]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reference = core.generate(prompts, params, adapters)
+    core.runner.model.ops = TritonOps()
+    fused = core.generate(prompts, params, adapters)
+    assert [o.token_ids for o in fused] == [o.token_ids for o in reference]
