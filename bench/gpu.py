@@ -553,6 +553,9 @@ class GuardReference:
     tokens: dict[str, list[int]]  # greedy tokens (EOS suppressed)
     logprobs: dict[str, torch.Tensor]  # [k, vocab]: teacher-forced along `tokens`
     seconds_per_token: float  # of batch-1 greedy generate, for budget estimates
+    # The same in float32 (the weights upcast), when the run is in a lower precision: both
+    # implementations' rounding is measured against it.
+    exact: dict[str, torch.Tensor] | None = None
 
 
 @dataclass
@@ -564,7 +567,11 @@ class GuardResult:
     transformers finds our token than its own (0 when they agree); `adapter_effect`: the smallest, over
     adapters, largest log-probability change an adapter makes at the first position (the guard only
     proves adapters are applied when this is well above atol); `greedy_match`: how many leading tokens
-    of free-running greedy decoding agree (bf16 may diverge after a near tie, which is fine)."""
+    of free-running greedy decoding agree (bf16 may diverge after a near tie, which is fine).
+    In bf16/fp16 runs, `ours_vs_exact` and `theirs_vs_exact` are each side's largest distance from
+    transformers in float32 over the same tokens, and the guard passes when ours is within atol or
+    within twice the rounding transformers itself shows (a 32-layer bf16 model on random weights drifts
+    by tenths of a nat; a missing adapter or a wrong rotary moves whole nats)."""
 
     passed: bool
     atol: float
@@ -572,6 +579,8 @@ class GuardResult:
     max_flip_gap: float
     adapter_effect: float
     greedy_match: dict[str, str]
+    ours_vs_exact: float = math.nan
+    theirs_vs_exact: float = math.nan
 
 
 def guard_variants(built: BuiltModel) -> list[tuple[str, str | None]]:
@@ -590,7 +599,19 @@ def guard_reference(
         seconds += time.perf_counter() - began
         tokens[label] = new[0]
         logprobs[label] = hf.logprobs(prompt_ids + new[0], adapter, num_tokens)
-    return GuardReference(prompt_ids, tokens, logprobs, seconds / (num_tokens * len(variants)))
+    ref = GuardReference(prompt_ids, tokens, logprobs, seconds / (num_tokens * len(variants)))
+    dtype = next(hf.model.parameters()).dtype
+    if dtype != torch.float32:
+        hf.model.float()  # bf16 -> float32 -> bf16 is exact, so the timed runs see the same weights
+        try:
+            ref.exact = {
+                label: hf.logprobs(prompt_ids + tokens[label], adapter, num_tokens)
+                for label, adapter in variants
+            }
+        finally:
+            hf.model.to(dtype)
+            _release_memory(hf.device)
+    return ref
 
 
 def check_guard(
@@ -612,7 +633,7 @@ def check_guard(
         params.append(SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True))
         adapters += [adapter] * (n + 1)
     outputs = iter(core.generate(prompts, params, adapters))
-    max_diff = max_gap = 0.0
+    max_diff = max_gap = ours_exact = theirs_exact = 0.0
     match: dict[str, str] = {}
     for label, _ in variants:
         theirs, lp = ref.tokens[label], ref.logprobs[label]
@@ -622,14 +643,24 @@ def check_guard(
             ours = out.logprobs[0]
             max_diff = max(max_diff, *(abs(value - lp[i, tid].item()) for tid, _, value in ours.top))
             max_gap = max(max_gap, lp[i, theirs[i]].item() - lp[i, ours.token_id].item())
+            if ref.exact is not None:
+                exact = ref.exact[label]
+                ours_exact = max(ours_exact, *(abs(v - exact[i, tid].item()) for tid, _, v in ours.top))
+                theirs_exact = max(
+                    theirs_exact, *(abs(lp[i, t] - exact[i, t]).item() for t, _, _ in ours.top)
+                )
         free = next(outputs).token_ids
         agree = next((i for i, (a, b) in enumerate(zip(free, theirs, strict=True)) if a != b), len(theirs))
         match[label] = f"{agree}/{len(theirs)}"
     base = ref.logprobs[_BASE][0]
     effects = [(ref.logprobs[label][0] - base).abs().max().item() for label, _ in variants if label != _BASE]
     effect = min(effects, default=math.nan)
-    passed = max_diff <= atol and max_gap <= atol and (math.isnan(effect) or effect > atol)
-    return GuardResult(passed, atol, max_diff, max_gap, effect, match)
+    applied = math.isnan(effect) or effect > atol
+    if ref.exact is None:
+        passed = max_diff <= atol and max_gap <= atol and applied
+        return GuardResult(passed, atol, max_diff, max_gap, effect, match)
+    passed = ours_exact <= max(atol, 2 * theirs_exact) and applied
+    return GuardResult(passed, atol, max_diff, max_gap, effect, match, ours_exact, theirs_exact)
 
 
 # ---- our engine ----------------------------------------------------------------------------------------
@@ -1001,10 +1032,16 @@ def _guard_line(guard: GuardResult | None) -> str:
         return "not run (transformers skipped)"
     verdict = "PASSED" if guard.passed else "FAILED"
     agree = ", ".join(f"{k} {v}" for k, v in guard.greedy_match.items())
+    exact = ""
+    if not math.isnan(guard.ours_vs_exact):
+        exact = (
+            f"; against transformers in float32: ours {guard.ours_vs_exact:.4f}, transformers "
+            f"{guard.theirs_vs_exact:.4f} (pass: ours <= max(atol, 2 x transformers))"
+        )
     return (
         f"{verdict}: max |logprob ours - transformers| {guard.max_logprob_diff:.4f}, greedy flip gap "
-        f"{guard.max_flip_gap:.4f} (atol {guard.atol:g}); adapter effect {guard.adapter_effect:.3f}; "
-        f"greedy tokens in agreement: {agree}"
+        f"{guard.max_flip_gap:.4f} (atol {guard.atol:g}){exact}; adapter effect "
+        f"{guard.adapter_effect:.3f}; greedy tokens in agreement: {agree}"
     )
 
 

@@ -98,7 +98,8 @@ def test_paged_decode_reads_the_cache_in_place_like_the_gather(
 
 def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoModel) -> None:
     """Prefill, chunked prefill and decode, both adapters and the base in one batch."""
-    core = EngineCore(engine_config(demo, max_num_batched_tokens=24))
+    core = EngineCore(engine_config(demo, device=DEVICE.type, max_num_batched_tokens=24, enforce_eager=True))
+    core.runner.model.ops = TorchOps()
     prompts = [
         core.tokenizer.encode(text) for text in ("问：头痛怎么办？\n答：", "问：失眠多梦，舌苔黄腻。\n答：")
     ]
