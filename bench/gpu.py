@@ -882,7 +882,17 @@ def engine_rows(
     for c in cfg.concurrency:
         prefill_steps = -(-c * cfg.prompt_len // cfg.max_num_batched_tokens)
         lower_bound_s = (cfg.max_tokens + prefill_steps) * step_s  # no batch steps faster than batch 1
-        for setup, works in ((_MIXED, mixed(prompts[:c], names)), (_BASE, base_only(prompts[:c]))):
+        setups = ((_MIXED, mixed(prompts[:c], names)), (_BASE, base_only(prompts[:c])))
+        # Untimed: the same batches for a few tokens first, so that the timed runs measure serving, not
+        # the first sight of each batch shape (CUDA graph capture, allocator growth).
+        for setup, works in setups:
+            budget.run(
+                f"warm-up, {c} concurrent, {setup}",
+                partial(run_engine, core, works, 8, deadline, f"warm-{c}-{setup.split()[0]}"),
+                estimate_s=(8 + prefill_steps) * step_s,
+                reserve_s=reserve_s,
+            )
+        for setup, works in setups:
             row = budget.run(
                 f"throughput, {c} concurrent, {setup}",
                 partial(throughput_row, core, works, setup, cfg.max_tokens, floor, deadline),

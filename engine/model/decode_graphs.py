@@ -2,9 +2,10 @@
 
 A step in which every sequence decodes one token is padded up to a bucket size (1, 2, 4, 8, then
 multiples of 16) and runs on buffers whose addresses never change: token ids, positions, cache slots,
-context lengths, block tables and each row's adapter index. Adapters use MaskedLora, so the shapes do not
-depend on how many rows each adapter has; a graph is keyed by the bucket, the resident adapters it reads
-and whether rows need masks. Padding rows point at a block of the KV cache that no sequence owns.
+context lengths, block tables and each row's adapter index. Adapters go through StackedLora (the step's
+adapters side by side: one pair of matmuls per projection for all of them, and a mask per row), so the
+shapes do not depend on how many rows each adapter has; a graph is keyed by the bucket, the resident
+adapters it reads and whether rows need masks. Padding rows point at a block of the KV cache that no sequence owns.
 
 With `capture=False` the same fixed-shape forward runs eagerly, which is how the CPU tests check it
 against the ordinary path. Capturing needs decode attention that reads only each row's own blocks (the
@@ -23,7 +24,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.lora import LoraAdapter, LoraSlots
 from engine.model.attention import AttentionBatch
-from engine.model.llama import Llama, MaskedLora
+from engine.model.llama import Llama, StackedAdapters, StackedLora
 from engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,8 @@ def batch_buckets(max_batch: int) -> list[int]:
 class _Entry:
     graph: torch.cuda.CUDAGraph | None
     logits: torch.Tensor | None  # the graph's output buffer [bucket, vocab]
-    adapters: tuple[LoraAdapter, ...]  # kept alive: the graph reads their tensors
+    adapters: tuple[LoraAdapter, ...]
+    stacked: StackedAdapters  # the graph reads these tensors: kept alive with it
 
 
 class DecodeGraphs:
@@ -76,6 +78,7 @@ class DecodeGraphs:
         self.vectors = torch.zeros(5, rows, dtype=torch.long, device=device)
         self.tables = torch.zeros(rows, self.width, dtype=torch.long, device=device)
         self.entries: OrderedDict[GraphKey, _Entry] = OrderedDict()
+        self.stacks: dict[tuple[int, ...], StackedAdapters] = {}  # by the adapters' ids
         self.pool: Any = None  # the graphs' shared memory pool
         self.lora_version = -1
         self.num_captured = 0
@@ -96,19 +99,24 @@ class DecodeGraphs:
         need_mask = bool(names) and (len(names) > 1 or any(i.seq.adapter is None for i in items))
         if loras.version != self.lora_version:
             self._forget_stale(loras)
-        key = (bucket, tuple(id(a) for a in adapters), need_mask)
+        ids = tuple(id(a) for a in adapters)
+        key = (bucket, ids, need_mask)
         entry = self.entries.get(key)
         if entry is None:
-            entry = (
-                self._capture(bucket, adapters, need_mask) if self.capture else _Entry(None, None, adapters)
-            )
+            stacked = self.stacks.get(ids)
+            if stacked is None:
+                stacked = StackedAdapters.stack([a.weights for a in adapters], self.vectors.device)
+                self.stacks[ids] = stacked
+            entry = _Entry(None, None, adapters, stacked)
+            if self.capture:
+                entry.graph, entry.logits = self._capture(bucket, stacked, need_mask)
             self.entries[key] = entry
             while len(self.entries) > self.max_graphs:
                 self.entries.popitem(last=False)
         else:
             self.entries.move_to_end(key)
         if entry.graph is None or entry.logits is None:
-            return self._forward(bucket, adapters, need_mask)[:n]
+            return self._forward(bucket, entry.stacked, need_mask)[:n]
         entry.graph.replay()
         self.num_replays += 1
         return entry.logits[:n]
@@ -140,7 +148,7 @@ class DecodeGraphs:
         self.vectors[:, :bucket].copy_(torch.tensor([ids, positions, slots, lens, lora]), non_blocking=True)
         self.tables[:bucket, :cols].copy_(torch.tensor(padded), non_blocking=True)
 
-    def _forward(self, bucket: int, adapters: tuple[LoraAdapter, ...], need_mask: bool) -> torch.Tensor:
+    def _forward(self, bucket: int, stacked: StackedAdapters, need_mask: bool) -> torch.Tensor:
         """The fixed-shape step on buffers [:bucket]: logits [bucket, vocab]."""
         v = self.vectors[:, :bucket]
         attn = AttentionBatch(
@@ -153,34 +161,33 @@ class DecodeGraphs:
             decode_is_all=True,
             prefills=[],
         )
-        dtype = self.model.lm_head.dtype
-        entries = [
-            (adapter.weights, (v[_LORA] == j).unsqueeze(1).to(dtype) if need_mask else None)
-            for j, adapter in enumerate(adapters)
-        ]
-        hidden = self.model(v[_IDS], v[_POSITIONS], self.kv, attn, MaskedLora(entries))
+        lora = StackedLora(stacked, v[_LORA] if need_mask else None, self.model.lm_head.dtype)
+        hidden = self.model(v[_IDS], v[_POSITIONS], self.kv, attn, lora)
         return self.model.compute_logits(hidden)
 
-    def _capture(self, bucket: int, adapters: tuple[LoraAdapter, ...], need_mask: bool) -> _Entry:
+    def _capture(
+        self, bucket: int, stacked: StackedAdapters, need_mask: bool
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture. Running
         the step again on replay is harmless: it writes the same keys and values to the same slots."""
         current = torch.cuda.current_stream()
         side = torch.cuda.Stream()
         side.wait_stream(current)
         with torch.cuda.stream(side):
-            self._forward(bucket, adapters, need_mask)
+            self._forward(bucket, stacked, need_mask)
         current.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(bucket, adapters, need_mask)
+            logits = self._forward(bucket, stacked, need_mask)
         self.pool = graph.pool()
         self.num_captured += 1
-        logger.debug("captured a decode graph: batch %d, %d adapters", bucket, len(adapters))
-        return _Entry(graph, logits, adapters)
+        logger.debug("captured a decode graph: batch %d, %d adapter patterns", bucket, len(stacked.owner_ids))
+        return graph, logits
 
     def _forget_stale(self, loras: LoraSlots) -> None:
         """Drop graphs that read an adapter no longer resident, so its device memory can go."""
         resident = {id(a) for a in loras.resident.values()}
         for key in [k for k, e in self.entries.items() if any(id(a) not in resident for a in e.adapters)]:
             del self.entries[key]
+        self.stacks = {ids: s for ids, s in self.stacks.items() if all(i in resident for i in ids)}
         self.lora_version = loras.version

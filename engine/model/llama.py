@@ -136,20 +136,61 @@ class SegmentLora(LoraBatch):
                 y[seg.start : seg.end].addmm_(x[seg.start : seg.end] @ a.t(), b_t)
 
 
-class MaskedLora(LoraBatch):
-    """Fixed shapes for CUDA graphs: each adapter's pair of matmuls runs on every row and a [T, 1] mask
-    keeps its own rows (no mask: every row that matters uses the adapter)."""
+@dataclass
+class StackedAdapters:
+    """Several adapters side by side: per layer and fused projection, their A's stacked along the rank
+    ([sum r, in]) and their B^T's too ([sum r, out]); `owners` names the adapter (its position) of each
+    rank column, and `owner_ids` holds each distinct pattern on the device."""
 
-    def __init__(self, entries: list[tuple[LayerLora, torch.Tensor | None]]) -> None:
-        self.entries = entries
+    weights: LayerLora
+    owners: list[dict[str, tuple[int, ...]]]
+    owner_ids: dict[tuple[int, ...], torch.Tensor]
+
+    @classmethod
+    def stack(cls, adapters: list[LayerLora], device: torch.device) -> StackedAdapters:
+        weights: LayerLora = []
+        owners: list[dict[str, tuple[int, ...]]] = []
+        for layer in range(len(adapters[0]) if adapters else 0):
+            layer_weights, layer_owners = {}, {}
+            for fused in FUSED:
+                parts = [(j, w[layer][fused]) for j, w in enumerate(adapters) if fused in w[layer]]
+                if parts:
+                    layer_weights[fused] = (
+                        torch.cat([a for _, (a, _) in parts]),
+                        torch.cat([b for _, (_, b) in parts]),
+                    )
+                    layer_owners[fused] = tuple(j for j, (a, _) in parts for _ in range(a.shape[0]))
+            weights.append(layer_weights)
+            owners.append(layer_owners)
+        patterns = {p for layer in owners for p in layer.values()}
+        owner_ids = {p: torch.tensor(p, dtype=torch.long, device=device) for p in patterns}
+        return cls(weights, owners, owner_ids)
+
+
+class StackedLora(LoraBatch):
+    """Fixed shapes for CUDA graphs: one pair of matmuls per projection covers every adapter of the step
+    (StackedAdapters); a [T, sum r] mask keeps each row's own adapter's columns. With `row_adapter` None
+    every row that matters uses the one adapter and no mask is needed."""
+
+    def __init__(
+        self, stacked: StackedAdapters, row_adapter: torch.Tensor | None, dtype: torch.dtype
+    ) -> None:
+        self.stacked = stacked
+        # One mask per distinct column pattern, made once per step and shared by the layers.
+        self.masks: dict[tuple[int, ...], torch.Tensor] | None = None
+        if row_adapter is not None:
+            self.masks = {
+                p: (row_adapter[:, None] == ids[None, :]).to(dtype) for p, ids in stacked.owner_ids.items()
+            }
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
-        for weights, mask in self.entries:
-            pair = weights[layer].get(fused)
-            if pair is not None:
-                a, b_t = pair
-                low = x @ a.t()
-                y.addmm_(low if mask is None else low * mask, b_t)
+        pair = self.stacked.weights[layer].get(fused)
+        if pair is not None:
+            a, b_t = pair
+            low = x @ a.t()
+            if self.masks is not None:
+                low = low * self.masks[self.stacked.owners[layer][fused]]
+            y.addmm_(low, b_t)
 
 
 NO_LORA = SegmentLora([])

@@ -9,6 +9,7 @@ import torch
 from engine.core import EngineCore
 from engine.demo import DemoModel
 from engine.model.decode_graphs import batch_buckets
+from engine.model.llama import StackedAdapters, StackedLora
 from engine.types import RequestOutput, SamplingParams
 from tests.conftest import engine_config
 
@@ -108,3 +109,28 @@ def test_cuda_greedy_tokens_equal_transformers_generate(demo: DemoModel, adapter
         )
     assert ours.token_ids == ref[0, len(prompt) :].tolist()
     assert core.runner.model.ops.name == "triton"
+
+
+def test_stacked_lora_gives_each_row_its_own_adapter_whatever_the_targets() -> None:
+    """Two adapters with different ranks and targets side by side, rows of each and of the base mixed:
+    every row gets exactly its own adapter's delta (or none)."""
+    g = torch.Generator().manual_seed(5)
+
+    def pair(rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.randn(rank, d_in, generator=g), torch.randn(rank, d_out, generator=g)
+
+    first = [{"qkv": pair(3, 8, 12), "down": pair(2, 8, 8)}, {"o": pair(3, 8, 8)}]
+    second = [{"qkv": pair(5, 8, 12)}, {"o": pair(4, 8, 8), "down": pair(4, 8, 8)}]
+    row_adapter = torch.tensor([1, -1, 0, 0, 1, -1])
+    x = torch.randn(6, 8, generator=g)
+    stacked = StackedAdapters.stack([first, second], torch.device("cpu"))
+    lora = StackedLora(stacked, row_adapter, torch.float32)
+    for layer in range(2):
+        for fused, width in (("qkv", 12), ("o", 8), ("down", 8)):
+            y = torch.zeros(6, width)
+            lora.add_delta(y, x, layer, fused)
+            for row, which in enumerate(row_adapter.tolist()):
+                weights = {0: first, 1: second}.get(which)
+                pair_ = weights[layer].get(fused) if weights is not None else None
+                expected = torch.zeros(width) if pair_ is None else (x[row] @ pair_[0].t()) @ pair_[1]
+                torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=1e-5)
