@@ -184,6 +184,8 @@ class StackedLora(LoraBatch):
             }
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
+        if not self.stacked.weights:  # no adapter in the step
+            return
         pair = self.stacked.weights[layer].get(fused)
         if pair is not None:
             a, b_t = pair
