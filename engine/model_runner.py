@@ -8,7 +8,7 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.lora import LoraSlots
-from engine.model.attention import AttentionBatch, PrefillChunk
+from engine.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
 from engine.model.decode_graphs import DecodeGraphs
 from engine.model.llama import Llama
 from engine.scheduler import ScheduledSeq
@@ -97,6 +97,7 @@ class ModelRunner:
     ) -> AttentionBatch:
         dev = self.device
         decode_rows = decode_blocks = decode_lens = decode_mask = None
+        groups: list[DecodeGroup] | None = None
         if decode_items:
             bs = self.block_size
             lengths = [item.start + 1 for _, item in decode_items]
@@ -106,8 +107,9 @@ class ModelRunner:
             decode_blocks = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, max_blocks]
             decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
             if not self.model.ops.reads_in_place:
-                positions = torch.arange(max_blocks * bs, device=dev)
-                decode_mask = (positions[None, :] < decode_lens[:, None])[:, None, None, :]
+                groups = self._decode_groups(lengths, [item.seq.block_table for _, item in decode_items])
+                if groups is None:
+                    decode_mask = _mask(decode_lens, max_blocks * bs)
             decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)
         return AttentionBatch(
             block_size=self.block_size,
@@ -118,4 +120,37 @@ class ModelRunner:
             decode_mask=decode_mask,
             decode_is_all=len(decode_items) == num_tokens,
             prefills=prefills,
+            decode_groups=groups,
         )
+
+    def _decode_groups(self, lengths: list[int], tables: list[list[int]]) -> list[DecodeGroup] | None:
+        """Two groups, short and long contexts, when that cuts the padded keys the gather copies by a
+        quarter or more; None to keep one group."""
+        n, bs = len(lengths), self.block_size
+        if n < 4:
+            return None
+        order = sorted(range(n), key=lengths.__getitem__)
+        blocks = [-(-lengths[i] // bs) for i in order]
+        whole = n * blocks[-1]
+        cost, split = min((k * blocks[k - 1] + (n - k) * blocks[-1], k) for k in range(1, n))
+        if cost > 0.75 * whole:
+            return None
+        groups = []
+        for part in (order[:split], order[split:]):
+            width = -(-max(lengths[i] for i in part) // bs)
+            padded = [tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in part]
+            lens = torch.tensor([lengths[i] for i in part], dtype=torch.long, device=self.device)
+            groups.append(
+                DecodeGroup(
+                    index=torch.tensor(part, dtype=torch.long, device=self.device),
+                    blocks=torch.tensor(padded, dtype=torch.long, device=self.device),
+                    mask=_mask(lens, width * bs),
+                )
+            )
+        return groups
+
+
+def _mask(lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, 1, 1, num_keys] bool: True where a key position is inside the row's context."""
+    positions = torch.arange(num_keys, device=lens.device)
+    return (positions[None, :] < lens[:, None])[:, None, None, :]

@@ -31,6 +31,16 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeGroup:
+    """Decode rows of similar context length, padded only to their own longest (the torch ops split a
+    batch whose lengths differ widely, so that the gather copies less padding)."""
+
+    index: torch.Tensor  # [b] long: positions among the step's decode rows
+    blocks: torch.Tensor  # [b, nb] long
+    mask: torch.Tensor  # [b, 1, 1, nb * block_size] bool
+
+
+@dataclass
 class AttentionBatch:
     """Everything attention needs about one step, built once by the model runner, shared by all layers."""
 
@@ -42,6 +52,7 @@ class AttentionBatch:
     decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool: True where a key is real (torch ops)
     decode_is_all: bool  # every token of the step is a decode token, in order (skip the scatter)
     prefills: list[PrefillChunk]
+    decode_groups: list[DecodeGroup] | None = None  # torch ops: attend the decode rows group by group
 
 
 def paged_attention(
@@ -77,13 +88,31 @@ def gathered_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch
 ) -> torch.Tensor:
     """q: [B, H, D] one query per sequence -> [B, H, D], from whole blocks copied out of the cache."""
+    if batch.decode_groups:
+        out = torch.empty_like(q)
+        for group in batch.decode_groups:
+            out[group.index] = _gathered_sdpa(
+                q[group.index], k_cache, v_cache, group.blocks, group.mask, batch
+            )
+        return out
     assert batch.decode_blocks is not None and batch.decode_lens is not None
     mask = batch.decode_mask
     if mask is None:
         positions = torch.arange(batch.decode_blocks.shape[1] * batch.block_size, device=q.device)
         mask = (positions[None, :] < batch.decode_lens[:, None])[:, None, None, :]
-    keys = _gather(k_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)  # [B, Hkv, L, D]
-    values = _gather(v_cache, batch.decode_blocks, batch.block_size).transpose(1, 2)
+    return _gathered_sdpa(q, k_cache, v_cache, batch.decode_blocks, mask, batch)
+
+
+def _gathered_sdpa(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    mask: torch.Tensor,
+    batch: AttentionBatch,
+) -> torch.Tensor:
+    keys = _gather(k_cache, blocks, batch.block_size).transpose(1, 2)  # [B, Hkv, L, D]
+    values = _gather(v_cache, blocks, batch.block_size).transpose(1, 2)
     gqa = q.shape[1] != k_cache.shape[1]
     out = F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=gqa)
     return out.squeeze(2)
@@ -92,7 +121,9 @@ def gathered_decode(
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
     """cache [slots, Hkv, D], blocks [..., nb] -> [..., nb * block_size, Hkv, D], whole blocks copied."""
     paged = cache.view(-1, block_size, *cache.shape[1:])
-    return paged[blocks].flatten(-4, -3)
+    # index_select copies about a quarter faster than advanced indexing on the CPU.
+    picked = paged.index_select(0, blocks.reshape(-1))
+    return picked.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *cache.shape[1:])
 
 
 def _prefill(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, gqa: bool) -> torch.Tensor:

@@ -5,7 +5,8 @@ multiples of 16) and runs on buffers whose addresses never change: token ids, po
 context lengths, block tables and each row's adapter index. Adapters go through StackedLora (the step's
 adapters side by side: one pair of matmuls per projection for all of them, and a mask per row), so the
 shapes do not depend on how many rows each adapter has; a graph is keyed by the bucket, the resident
-adapters it reads and whether rows need masks. Padding rows point at a block of the KV cache that no sequence owns.
+adapters it reads and whether rows need masks. Padding rows point at a block of the KV cache that no
+sequence owns.
 
 With `capture=False` the same fixed-shape forward runs eagerly, which is how the CPU tests check it
 against the ordinary path. Capturing needs decode attention that reads only each row's own blocks (the

@@ -106,3 +106,29 @@ def test_adapters_change_the_output(core: EngineCore) -> None:
     ]
     assert (rows[0] - rows[1]).abs().max() > 1e-3
     assert (rows[1] - rows[2]).abs().max() > 1e-3
+
+
+def test_decode_rows_of_very_different_lengths_match_transformers(core: EngineCore, demo: DemoModel) -> None:
+    """Short and long contexts in one decode step: the torch ops attend them in two groups (less padding
+    to gather), and every row still gets transformers' logits."""
+    texts = [
+        "问：\n咳嗽\n答：\n",
+        "问：\n头痛\n答：\n",
+        "问：\n发热\n答：\n",
+        "问：\n" + "反复腹痛腹泻，" * 12 + "\n答：\n",
+    ]
+    seqs = []
+    for i, text in enumerate(texts):
+        ids = _prompt(core, text)
+        seq = Sequence(f"g{i}", ids[:-1], len(ids) - 1, "chatmed-tcm" if i % 2 else None)
+        _our_logits(core, [(seq, 0, len(ids) - 1)])
+        seq.token_ids.append(ids[-1])
+        seqs.append(seq)
+    ours = _our_logits(core, [(seq, seq.num_tokens - 1, 1) for seq in seqs])
+    items = [ScheduledSeq(seq, seq.num_tokens - 1, 1) for seq in seqs]
+    groups = core.runner.prepare(items).attention.decode_groups
+    assert groups is not None and len(groups) == 2
+    for row, seq in enumerate(seqs):
+        ref = _reference_logits(demo, seq.token_ids, seq.adapter)
+        torch.testing.assert_close(ours[row], ref[-1], atol=ATOL, rtol=1e-4)
+        core.allocator.free(seq.block_table)
