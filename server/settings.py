@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(
         default=None, ge=1, description="torch CPU threads of the engine; unset: torch's default"
     )
+    enforce_eager: bool = Field(
+        default=False, description="on CUDA, run every decode step eagerly instead of replaying CUDA graphs"
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="requests running at once")
     max_model_len: int | None = Field(
         default=None, ge=2, description="context length in tokens; unset: the model's own"
@@ -158,6 +161,7 @@ class Settings(BaseSettings):
             max_cpu_loras=self.max_cpu_loras or max(self.max_loras, EngineConfig.max_cpu_loras),
             max_lora_rank=self.max_lora_rank,
             num_threads=self.num_threads,
+            enforce_eager=self.enforce_eager,
         )
 
 

@@ -46,3 +46,22 @@ def engine_config(demo: DemoModel, **overrides: object) -> EngineConfig:
     }
     values.update(overrides)
     return EngineConfig(**values)  # type: ignore[arg-type]
+
+
+def transformers_greedy(
+    demo: DemoModel, prompt: list[int], adapter: str | None, num_tokens: int
+) -> list[int]:
+    """The reference: transformers (+ peft for an adapter) greedy tokens in float32 on the CPU, EOS kept
+    from ending the run early, as `ignore_eos` does for the engine."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(demo.base_path, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, demo.adapters[adapter])
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]), max_new_tokens=num_tokens, min_new_tokens=num_tokens, do_sample=False
+        )
+    return list(out[0, len(prompt) :].tolist())

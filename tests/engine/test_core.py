@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM
 
 from engine.core import EngineCore
 from engine.demo import DemoModel
 from engine.errors import InvalidRequest, PromptTooLong, UnknownAdapter
 from engine.tokenizer import CHATMED_TEMPLATE
 from engine.types import FinishReason, SamplingParams
-from tests.conftest import engine_config
+from tests.conftest import engine_config, transformers_greedy
 
 QUESTIONS = [
     "头痛发热三天，应该吃什么药？",
@@ -57,17 +54,7 @@ def test_greedy_tokens_equal_transformers_generate(
 ) -> None:
     prompt = _prompts(core)[0]
     ours = core.generate([prompt], GREEDY, [adapter])[0]
-    model = AutoModelForCausalLM.from_pretrained(demo.base_path, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, demo.adapters[adapter])
-    with torch.no_grad():
-        ref = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=GREEDY.max_tokens,
-            min_new_tokens=GREEDY.max_tokens,
-            do_sample=False,
-        )
-    assert ours.token_ids == ref[0, len(prompt) :].tolist()
+    assert ours.token_ids == transformers_greedy(demo, prompt, adapter, GREEDY.max_tokens)
 
 
 def test_preempted_requests_give_the_same_tokens(demo: DemoModel, core: EngineCore) -> None:

@@ -11,7 +11,7 @@ from engine.demo import DemoModel
 from engine.model.decode_graphs import batch_buckets
 from engine.model.llama import StackedAdapters, StackedLora
 from engine.types import RequestOutput, SamplingParams
-from tests.conftest import engine_config
+from tests.conftest import engine_config, transformers_greedy
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 QUESTIONS = (
@@ -91,23 +91,10 @@ def test_cuda_graph_replays_give_the_eager_tokens(demo: DemoModel, dtype: str) -
 @pytest.mark.parametrize("adapter", ["chatmed-tcm", None])
 def test_cuda_greedy_tokens_equal_transformers_generate(demo: DemoModel, adapter: str | None) -> None:
     """Triton ops, prefill and replayed decode graphs in float32 against transformers (+ peft) on the CPU."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     core = EngineCore(engine_config(demo, device="cuda"))
     prompt = _prompts(core)[0]
     ours = core.generate([prompt], GREEDY, [adapter])[0]
-    model = AutoModelForCausalLM.from_pretrained(demo.base_path, dtype=torch.float32)
-    if adapter is not None:
-        model = PeftModel.from_pretrained(model, demo.adapters[adapter])
-    with torch.no_grad():
-        ref = model.generate(
-            torch.tensor([prompt]),
-            max_new_tokens=GREEDY.max_tokens,
-            min_new_tokens=GREEDY.max_tokens,
-            do_sample=False,
-        )
-    assert ours.token_ids == ref[0, len(prompt) :].tolist()
+    assert ours.token_ids == transformers_greedy(demo, prompt, adapter, GREEDY.max_tokens)
     assert core.runner.model.ops.name == "triton"
 
 

@@ -219,6 +219,8 @@ def test_settings_cli_beats_env_beats_defaults(monkeypatch: pytest.MonkeyPatch) 
     assert settings.adapter_paths() == (("a", Path("/x")), ("b", Path("/y")))
     config = settings.engine_config(Path("/base"), settings.adapter_paths())
     assert config.kv_cache_bytes == 64 * 1024**2 and config.max_num_seqs == 7
+    assert not config.enforce_eager
+    assert Settings.from_args(["--enforce-eager"]).engine_config(Path("/base"), ()).enforce_eager
 
 
 def test_settings_repeatable_adapter_flag() -> None:
