@@ -166,21 +166,10 @@ def get_preset(name: str) -> Preset:
 
 
 @dataclass(frozen=True)
-class BenchConfig:
-    """The run's settings: a preset with the command line's overrides."""
+class BenchConfig(Preset):
+    """The run's settings: a preset's fields with the command line's overrides, and the run's own."""
 
     preset: str
-    shape: ModelShape
-    device: str
-    dtype: str
-    concurrency: tuple[int, ...]
-    max_tokens: int
-    prompt_len: int
-    hf_batch: int
-    decode_steps: int
-    copy_mib: int
-    max_num_batched_tokens: int
-    guard_atol: float
     guard_tokens: int
     workdir: Path
     json_path: Path | None
