@@ -26,7 +26,9 @@ from starlette.types import Message
 
 from engine import AsyncEngine
 from engine.demo import DemoModel
-from tests.server.conftest import API_KEY, asgi_client, make_app, make_engine
+
+# `app` and `client` are the server tests' fixtures, built here on this directory's `engine`.
+from tests.server.conftest import API_KEY, app, asgi_client, client, make_app, make_engine  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[2]
 CONSULT, TCM = "chatmed-consult", "chatmed-tcm"
@@ -65,17 +67,6 @@ async def engine(demo: DemoModel) -> AsyncIterator[AsyncEngine]:
     engine.start()
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def app(engine: AsyncEngine) -> FastAPI:
-    return make_app(engine)
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def client(app: FastAPI) -> AsyncIterator[httpx2.AsyncClient]:
-    async with asgi_client(app) as client:
-        yield client
 
 
 async def wait_until_idle(engine: AsyncEngine, timeout_s: float = IDLE_TIMEOUT_S) -> float:
