@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def transformers_greedy(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(demo.base_path, dtype=torch.float32)
+    model: Any = AutoModelForCausalLM.from_pretrained(demo.base_path, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, demo.adapters[adapter])
     with torch.no_grad():

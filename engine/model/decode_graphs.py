@@ -112,8 +112,10 @@ class DecodeGraphs:
             if self.capture:
                 entry.graph, entry.logits = self._capture(bucket, stacked, need_mask)
             self.entries[key] = entry
-            while len(self.entries) > self.max_graphs:
+            if len(self.entries) > self.max_graphs:
                 self.entries.popitem(last=False)
+                live = {tuple(id(a) for a in e.adapters) for e in self.entries.values()}
+                self.stacks = {k: v for k, v in self.stacks.items() if k in live}
         else:
             self.entries.move_to_end(key)
         if entry.graph is None or entry.logits is None:

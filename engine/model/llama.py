@@ -140,7 +140,9 @@ class SegmentLora(LoraBatch):
 class StackedAdapters:
     """Several adapters side by side: per layer and fused projection, their A's stacked along the rank
     ([sum r, in]) and their B^T's too ([sum r, out]); `owners` names the adapter (its position) of each
-    rank column, and `owner_ids` holds each distinct pattern on the device."""
+    rank column, and `owner_ids` holds each distinct pattern on the device. A stack of several adapters
+    is a copy of their weights; where only one adapter touches a projection, its tensors are used as
+    they are."""
 
     weights: LayerLora
     owners: list[dict[str, tuple[int, ...]]]
@@ -154,11 +156,14 @@ class StackedAdapters:
             layer_weights, layer_owners = {}, {}
             for fused in FUSED:
                 parts = [(j, w[layer][fused]) for j, w in enumerate(adapters) if fused in w[layer]]
-                if parts:
+                if len(parts) == 1:  # one adapter: its own tensors, no copy
+                    layer_weights[fused] = parts[0][1]
+                elif parts:
                     layer_weights[fused] = (
                         torch.cat([a for _, (a, _) in parts]),
                         torch.cat([b for _, (_, b) in parts]),
                     )
+                if parts:
                     layer_owners[fused] = tuple(j for j, (a, _) in parts for _ in range(a.shape[0]))
             weights.append(layer_weights)
             owners.append(layer_owners)

@@ -8,7 +8,7 @@ import torch
 
 from engine.core import EngineCore
 from engine.demo import DemoModel
-from engine.model.decode_graphs import batch_buckets
+from engine.model.decode_graphs import DecodeGraphs, batch_buckets
 from engine.model.llama import StackedAdapters, StackedLora
 from engine.types import RequestOutput, SamplingParams
 from tests.conftest import engine_config, transformers_greedy
@@ -121,3 +121,19 @@ def test_stacked_lora_gives_each_row_its_own_adapter_whatever_the_targets() -> N
                 pair_ = weights[layer].get(fused) if weights is not None else None
                 expected = torch.zeros(width) if pair_ is None else (x[row] @ pair_[0].t()) @ pair_[1]
                 torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_old_entries_and_their_stacked_weights_are_let_go(demo: DemoModel, eager: EngineCore) -> None:
+    """Beyond max_graphs the least recently used entry goes, and with it any stack no entry reads."""
+    fixed = EngineCore(engine_config(demo))
+    runner = fixed.runner
+    runner.graphs = DecodeGraphs(
+        runner.model, runner.kv, 16, 16, fixed.max_model_len, capture=False, max_graphs=2
+    )
+    prompts = _prompts(fixed)
+    for count in (1, 2, 3, 4, 5):  # batch sizes and adapter sets change from run to run
+        ours = fixed.generate(prompts[:count], GREEDY, ADAPTERS[:count])
+        assert _tokens(ours) == _tokens(eager.generate(prompts[:count], GREEDY, ADAPTERS[:count]))
+        assert len(runner.graphs.entries) <= 2
+        live = {tuple(id(a) for a in e.adapters) for e in runner.graphs.entries.values()}
+        assert set(runner.graphs.stacks) <= live
