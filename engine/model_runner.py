@@ -8,7 +8,7 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.lora import LoraSlots
-from engine.model.attention import AttentionBatch, DecodeGroup, PrefillChunk
+from engine.model.attention import AttentionBatch, DecodeGroup, PrefillChunk, key_mask
 from engine.model.decode_graphs import DecodeGraphs
 from engine.model.llama import Llama
 from engine.scheduler import ScheduledSeq
@@ -99,17 +99,16 @@ class ModelRunner:
         decode_rows = decode_blocks = decode_lens = decode_mask = None
         groups: list[DecodeGroup] | None = None
         if decode_items:
-            bs = self.block_size
             lengths = [item.start + 1 for _, item in decode_items]
-            max_blocks = -(-max(lengths) // bs)
-            tables = [item.seq.block_table[:max_blocks] for _, item in decode_items]
-            padded = [t + [0] * (max_blocks - len(t)) for t in tables]
-            decode_blocks = torch.tensor(padded, dtype=torch.long, device=dev)  # [B, max_blocks]
+            tables = [item.seq.block_table for _, item in decode_items]
             decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
-            if not self.model.ops.reads_in_place:
-                groups = self._decode_groups(lengths, [item.seq.block_table for _, item in decode_items])
-                if groups is None:
-                    decode_mask = _mask(decode_lens, max_blocks * bs)
+            in_place = self.model.ops.reads_in_place
+            groups = None if in_place else self._decode_groups(lengths, tables)
+            if groups is None:
+                width = -(-max(lengths) // self.block_size)
+                decode_blocks = self._block_tensor(tables, width)  # [B, width]
+                if not in_place:
+                    decode_mask = key_mask(decode_lens, width * self.block_size)
             decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)
         return AttentionBatch(
             block_size=self.block_size,
@@ -138,19 +137,17 @@ class ModelRunner:
         groups = []
         for part in (order[:split], order[split:]):
             width = -(-max(lengths[i] for i in part) // bs)
-            padded = [tables[i][:width] + [0] * (width - len(tables[i][:width])) for i in part]
             lens = torch.tensor([lengths[i] for i in part], dtype=torch.long, device=self.device)
             groups.append(
                 DecodeGroup(
                     index=torch.tensor(part, dtype=torch.long, device=self.device),
-                    blocks=torch.tensor(padded, dtype=torch.long, device=self.device),
-                    mask=_mask(lens, width * bs),
+                    blocks=self._block_tensor([tables[i] for i in part], width),
+                    mask=key_mask(lens, width * bs),
                 )
             )
         return groups
 
-
-def _mask(lens: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """[B, 1, 1, num_keys] bool: True where a key position is inside the row's context."""
-    positions = torch.arange(num_keys, device=lens.device)
-    return (positions[None, :] < lens[:, None])[:, None, None, :]
+    def _block_tensor(self, tables: list[list[int]], width: int) -> torch.Tensor:
+        """[len(tables), width] long: each block table cut or padded with 0 to `width` blocks."""
+        rows = [t[:width] + [0] * (width - len(t[:width])) for t in tables]
+        return torch.tensor(rows, dtype=torch.long, device=self.device)

@@ -98,8 +98,7 @@ def gathered_decode(
     assert batch.decode_blocks is not None and batch.decode_lens is not None
     mask = batch.decode_mask
     if mask is None:
-        positions = torch.arange(batch.decode_blocks.shape[1] * batch.block_size, device=q.device)
-        mask = (positions[None, :] < batch.decode_lens[:, None])[:, None, None, :]
+        mask = key_mask(batch.decode_lens, batch.decode_blocks.shape[1] * batch.block_size)
     return _gathered_sdpa(q, k_cache, v_cache, batch.decode_blocks, mask, batch)
 
 
@@ -118,6 +117,12 @@ def _gathered_sdpa(
     # per sequence, so they all see the same keys, and SDPA needs no GQA expansion (a fifth faster).
     grouped = q.view(b, k_cache.shape[1], heads // k_cache.shape[1], head_dim)
     return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).view(b, heads, head_dim)
+
+
+def key_mask(lens: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[B, 1, 1, num_keys] bool: True where a key position is inside the row's context."""
+    positions = torch.arange(num_keys, device=lens.device)
+    return (positions[None, :] < lens[:, None])[:, None, None, :]
 
 
 def _gather(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

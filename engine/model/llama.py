@@ -200,9 +200,6 @@ class StackedLora(LoraBatch):
             y.addmm_(low, b_t)
 
 
-NO_LORA = SegmentLora([])
-
-
 def _linear_lora(
     x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, lora: LoraBatch
 ) -> torch.Tensor:
