@@ -8,10 +8,13 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.lora import LoraSlots
-from engine.model.attention import AttentionBatch, DecodeGroup, PrefillChunk, key_mask
+from engine.model.attention import AttentionBatch, DecodeGroup, DecodeWorkspace, PrefillChunk, key_mask
 from engine.model.decode_graphs import DecodeGraphs
 from engine.model.llama import Llama
-from engine.scheduler import ScheduledSeq
+from engine.scheduler import ScheduledSeq, Sequence
+
+# Decode workspaces (torch ops) may hold at most this share of the KV cache's memory, all groups together.
+WORKSPACE_SHARE = 0.5
 
 
 @dataclass
@@ -33,6 +36,11 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None
+        # Torch ops: each decode group's workspace, by the group's sequences in row order.
+        self.workspaces: dict[tuple[Sequence, ...], DecodeWorkspace] = {}
+        cache = kv.keys[0]
+        self._position_bytes = cache[0].numel() * cache.element_size()
+        self.workspace_budget = int(WORKSPACE_SHARE * 2 * len(kv.keys) * cache.numel() * cache.element_size())
 
     def use_fixed_decode(self, max_batch: int, max_model_len: int, capture: bool) -> None:
         """Run decode-only steps through fixed buffers; `capture` replays them as CUDA graphs."""
@@ -102,13 +110,11 @@ class ModelRunner:
             lengths = [item.start + 1 for _, item in decode_items]
             tables = [item.seq.block_table for _, item in decode_items]
             decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
-            in_place = self.model.ops.reads_in_place
-            groups = None if in_place else self._decode_groups(lengths, tables)
-            if groups is None:
+            if self.model.ops.reads_in_place:
                 width = -(-max(lengths) // self.block_size)
                 decode_blocks = self._block_tensor(tables, width)  # [B, width]
-                if not in_place:
-                    decode_mask = key_mask(decode_lens, width * self.block_size)
+            else:
+                groups = self._decode_groups(lengths, [item.seq for _, item in decode_items])
             decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)
         return AttentionBatch(
             block_size=self.block_size,
@@ -122,30 +128,71 @@ class ModelRunner:
             decode_groups=groups,
         )
 
-    def _decode_groups(self, lengths: list[int], tables: list[list[int]]) -> list[DecodeGroup] | None:
-        """Two groups, short and long contexts, when that cuts the padded keys the gather copies by a
-        quarter or more; None to keep one group."""
+    def _decode_groups(self, lengths: list[int], seqs: list[Sequence]) -> list[DecodeGroup]:
+        """The decode rows in one group, or in two (short and long contexts) when that cuts the padded
+        keys attention reads by a quarter or more; each group with its workspace."""
         n, bs = len(lengths), self.block_size
-        if n < 4:
-            return None
-        order = sorted(range(n), key=lengths.__getitem__)
-        blocks = [-(-lengths[i] // bs) for i in order]
-        whole = n * blocks[-1]
-        cost, split = min((k * blocks[k - 1] + (n - k) * blocks[-1], k) for k in range(1, n))
-        if cost > 0.75 * whole:
-            return None
+        row_of = {seq: i for i, seq in enumerate(seqs)}
+        if (
+            len(row_of) == n
+            and sum(map(len, self.workspaces)) == n
+            and all(row_of.keys() >= set(m) for m in self.workspaces)
+        ):
+            # The same sequences as the last step: keep its groups, whose workspaces carry on.
+            parts = [[row_of[seq] for seq in members] for members in self.workspaces]
+        else:
+            parts = [list(range(n))]
+            if n >= 4:
+                order = sorted(range(n), key=lengths.__getitem__)
+                blocks = [-(-lengths[i] // bs) for i in order]
+                cost, split = min((k * blocks[k - 1] + (n - k) * blocks[-1], k) for k in range(1, n))
+                if cost <= 0.75 * n * blocks[-1]:
+                    parts = [order[:split], order[split:]]
         groups = []
-        for part in (order[:split], order[split:]):
-            width = -(-max(lengths[i] for i in part) // bs)
-            lens = torch.tensor([lengths[i] for i in part], dtype=torch.long, device=self.device)
+        workspaces: dict[tuple[Sequence, ...], DecodeWorkspace] = {}
+        budget = self.workspace_budget
+        for part in parts:
+            lens = [lengths[i] for i in part]
+            width = -(-max(lens) // bs)
+            members = tuple(seqs[i] for i in part)
+            workspace = self._plan_workspace(members, lens, width, budget)
+            if workspace is not None:
+                workspaces[members] = workspace
+                budget -= workspace.keys.nbytes + workspace.values.nbytes
             groups.append(
                 DecodeGroup(
-                    index=torch.tensor(part, dtype=torch.long, device=self.device),
-                    blocks=self._block_tensor([tables[i] for i in part], width),
-                    mask=key_mask(lens, width * bs),
+                    index=None
+                    if part == list(range(n))
+                    else torch.tensor(part, dtype=torch.long, device=self.device),
+                    blocks=self._block_tensor([seqs[i].block_table for i in part], width),
+                    mask=key_mask(torch.tensor(lens, dtype=torch.long, device=self.device), width * bs),
+                    workspace=workspace,
                 )
             )
+        self.workspaces = workspaces  # the groups of earlier steps that did not carry on are let go
         return groups
+
+    def _plan_workspace(
+        self, members: tuple[Sequence, ...], lens: list[int], width: int, budget: int
+    ) -> DecodeWorkspace | None:
+        """The group's workspace from the last step when it decodes the same sequences one token further
+        and has room; a new one to refill otherwise; None when a new one would not fit the budget."""
+        bs, num_layers = self.block_size, len(self.kv.keys)
+        workspace = self.workspaces.get(members)
+        if (
+            workspace is not None
+            and width * bs <= workspace.capacity
+            and all(new == old + 1 for new, old in zip(lens, workspace.lens, strict=True))
+        ):
+            workspace.plan(lens, width * bs, refill=False)
+            return workspace
+        # Room for a quarter more blocks (at least four) before the next refill.
+        capacity = (width + max(4, width // 4)) * bs
+        if DecodeWorkspace.nbytes(len(members), capacity, num_layers, self._position_bytes) > budget:
+            return None
+        workspace = DecodeWorkspace(len(members), capacity, num_layers, self.kv.keys[0])
+        workspace.plan(lens, width * bs, refill=True)
+        return workspace
 
     def _block_tensor(self, tables: list[list[int]], width: int) -> torch.Tensor:
         """[len(tables), width] long: each block table cut or padded with 0 to `width` blocks."""

@@ -2,8 +2,9 @@
 
 New keys/values are already in their slots (the ops' rotary_store writes them); decode tokens (one query
 per sequence) are attended in one batch by the ops' decode attention, and prefill chunks one sequence at a
-time. The torch decode gathers each sequence's cached blocks and passes them to
-scaled_dot_product_attention; the Triton one reads the slots in place.
+time. The torch decode attends keys copied out of the cache into a contiguous workspace that lives from
+step to step (DecodeWorkspace), through scaled_dot_product_attention; the Triton one reads the slots in
+place.
 """
 
 from __future__ import annotations
@@ -14,7 +15,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "AttentionBatch"], torch.Tensor]
+# (q [B, H, D], this step's k and v of the same rows [B, Hkv, D], k_cache, v_cache, batch, layer) -> [B, H, D]
+DecodeFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, "AttentionBatch", int],
+    torch.Tensor,
+]
 
 
 @dataclass
@@ -30,14 +35,72 @@ class PrefillChunk:
     fresh: bool
 
 
+class DecodeWorkspace:
+    """The cached keys and values of one group of decoding sequences, kept contiguous from one step to the
+    next: per layer [rows, capacity, Hkv, D], zeros beyond what was ever written.
+
+    Without it a decode step copies every cached block of its sequences out of the paged cache, in every
+    layer. A workspace makes that copy once (`refill`); while the next steps decode the same sequences in
+    the same order, each one token further, they only write their new key and value into it. Any other
+    step refills, a step run again after a failure included (its lengths did not grow). The model runner
+    decides which (ModelRunner._plan_workspace)."""
+
+    def __init__(self, rows: int, capacity: int, num_layers: int, cache: torch.Tensor) -> None:
+        """`cache`: one layer's key cache [slots, Hkv, D], for the shape, dtype and device."""
+        self.rows = rows
+        self.capacity = capacity
+        self.keys = cache.new_zeros(num_layers, rows, capacity, *cache.shape[1:])
+        self.values = torch.zeros_like(self.keys)
+        self.refill = True  # this step copies the blocks in; otherwise it appends at `slots`
+        self.slots = torch.empty(0, dtype=torch.long)  # [rows] flat positions of this step's new keys
+        self.lens: list[int] = []  # the rows' context lengths in the step last planned
+
+    @staticmethod
+    def nbytes(rows: int, capacity: int, num_layers: int, row_bytes: int) -> int:
+        """Memory of a workspace; `row_bytes` is one position's key bytes (Hkv * D * element size)."""
+        return 2 * num_layers * rows * capacity * row_bytes
+
+    def plan(self, lens: list[int], width: int, refill: bool) -> None:
+        """Set up this step: `lens` the rows' context lengths (the new token included), `width` the
+        positions attention reads (whole blocks)."""
+        assert width <= self.capacity and len(lens) == self.rows
+        self.refill = refill
+        self.lens = lens
+        lengths = torch.tensor(lens, dtype=torch.long, device=self.keys.device)
+        self.slots = torch.arange(self.rows, device=self.keys.device) * self.capacity + lengths - 1
+
+    def keys_values(
+        self,
+        layer: int,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        blocks: torch.Tensor,
+        block_size: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's keys and values [rows, width, Hkv, D] for the step, `k`/`v` [rows, Hkv, D] its new
+        ones (already in the caches)."""
+        width = blocks.shape[1] * block_size
+        keys, values = self.keys[layer], self.values[layer]
+        if self.refill:
+            keys[:, :width] = _gather(k_cache, blocks, block_size)
+            values[:, :width] = _gather(v_cache, blocks, block_size)
+        else:
+            keys.view(-1, *keys.shape[2:]).index_copy_(0, self.slots, k)
+            values.view(-1, *values.shape[2:]).index_copy_(0, self.slots, v)
+        return keys[:, :width], values[:, :width]
+
+
 @dataclass
 class DecodeGroup:
     """Decode rows of similar context length, padded only to their own longest (the torch ops split a
-    batch whose lengths differ widely, so that the gather copies less padding)."""
+    batch whose lengths differ widely, so that attention reads less padding)."""
 
-    index: torch.Tensor  # [b] long: positions among the step's decode rows
+    index: torch.Tensor | None  # [b] long: positions among the step's decode rows (None: all, in order)
     blocks: torch.Tensor  # [b, nb] long
     mask: torch.Tensor  # [b, 1, 1, nb * block_size] bool
+    workspace: DecodeWorkspace | None = None  # None: gather the blocks afresh
 
 
 @dataclass
@@ -63,16 +126,18 @@ def paged_attention(
     v_cache: torch.Tensor,
     batch: AttentionBatch,
     decode: DecodeFn,
+    layer: int,
 ) -> torch.Tensor:
     """q: [T, H, D], k/v: [T, Hkv, D] (already in the caches [slots, Hkv, D]) -> [T, H*D].
-    `decode(q [B, H, D], k_cache, v_cache, batch)` attends the decode rows."""
+    `decode` attends the decode rows."""
     t, num_heads, head_dim = q.shape
     gqa = num_heads != k.shape[1]
     if batch.decode_is_all:
-        return decode(q, k_cache, v_cache, batch).reshape(t, num_heads * head_dim)
+        return decode(q, k, v, k_cache, v_cache, batch, layer).reshape(t, num_heads * head_dim)
     out = q.new_empty(t, num_heads, head_dim)
     if batch.decode_rows is not None:
-        out[batch.decode_rows] = decode(q[batch.decode_rows], k_cache, v_cache, batch)
+        dec = batch.decode_rows
+        out[dec] = decode(q[dec], k[dec], v[dec], k_cache, v_cache, batch, layer)
     for chunk in batch.prefills:
         rows = slice(chunk.start, chunk.start + chunk.num_tokens)
         if chunk.fresh:
@@ -85,37 +150,63 @@ def paged_attention(
 
 
 def gathered_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    layer: int,
 ) -> torch.Tensor:
-    """q: [B, H, D] one query per sequence -> [B, H, D], from whole blocks copied out of the cache."""
+    """q: [B, H, D] one query per sequence -> [B, H, D], from whole blocks copied out of the cache (or
+    kept in a group's workspace)."""
     if batch.decode_groups:
         out = torch.empty_like(q)
         for group in batch.decode_groups:
-            out[group.index] = _gathered_sdpa(
-                q[group.index], k_cache, v_cache, group.blocks, group.mask, batch
-            )
+            i = group.index
+            if i is None:
+                return _group_attention(q, k, v, k_cache, v_cache, group, batch, layer)
+            out[i] = _group_attention(q[i], k[i], v[i], k_cache, v_cache, group, batch, layer)
         return out
     assert batch.decode_blocks is not None and batch.decode_lens is not None
     mask = batch.decode_mask
     if mask is None:
         mask = key_mask(batch.decode_lens, batch.decode_blocks.shape[1] * batch.block_size)
-    return _gathered_sdpa(q, k_cache, v_cache, batch.decode_blocks, mask, batch)
+    keys = _gather(k_cache, batch.decode_blocks, batch.block_size)
+    values = _gather(v_cache, batch.decode_blocks, batch.block_size)
+    return _decode_sdpa(q, keys, values, mask)
 
 
-def _gathered_sdpa(
+def _group_attention(
     q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    blocks: torch.Tensor,
-    mask: torch.Tensor,
+    group: DecodeGroup,
     batch: AttentionBatch,
+    layer: int,
 ) -> torch.Tensor:
-    keys = _gather(k_cache, blocks, batch.block_size).transpose(1, 2)  # [B, Hkv, L, D]
-    values = _gather(v_cache, blocks, batch.block_size).transpose(1, 2)
+    if group.workspace is not None:
+        keys, values = group.workspace.keys_values(
+            layer, k, v, k_cache, v_cache, group.blocks, batch.block_size
+        )
+    else:
+        keys = _gather(k_cache, group.blocks, batch.block_size)
+        values = _gather(v_cache, group.blocks, batch.block_size)
+    return _decode_sdpa(q, keys, values, group.mask)
+
+
+def _decode_sdpa(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """q [B, H, D], keys/values [B, L, Hkv, D], mask [B, 1, 1, L] -> [B, H, D]."""
+    num_kv_heads = keys.shape[2]
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)  # [B, Hkv, L, D]
     b, heads, head_dim = q.shape
     # The query heads that share a KV head go in as that head's queries ([B, Hkv, group, D]): one query
     # per sequence, so they all see the same keys, and SDPA needs no GQA expansion (a fifth faster).
-    grouped = q.view(b, k_cache.shape[1], heads // k_cache.shape[1], head_dim)
+    grouped = q.view(b, num_kv_heads, heads // num_kv_heads, head_dim)
     return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).view(b, heads, head_dim)
 
 

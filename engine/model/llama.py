@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.kv_cache import KVCache
@@ -201,10 +200,10 @@ class StackedLora(LoraBatch):
 
 
 def _linear_lora(
-    x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, lora: LoraBatch
+    x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, lora: LoraBatch, ops: TorchOps
 ) -> torch.Tensor:
     """y = x W^T plus the adapters' low-rank deltas."""
-    y = F.linear(x, weight)
+    y = ops.linear(x, weight)
     lora.add_delta(y, x, layer, fused)
     return y
 
@@ -264,15 +263,15 @@ class Block(nn.Module):
     ) -> torch.Tensor:
         a = self.args
         h = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
-        qkv = _linear_lora(h, self.qkv, self.layer, "qkv", lora)
+        qkv = _linear_lora(h, self.qkv, self.layer, "qkv", lora, ops)
         keys, values = kv.keys[self.layer], kv.values[self.layer]
         q, k, v = ops.rotary_store(qkv, *rope, keys, values, attn.slot_mapping, a.num_heads, a.num_kv_heads)
-        o = paged_attention(q, k, v, keys, values, attn, ops.decode_attention)  # [T, q_out]
+        o = paged_attention(q, k, v, keys, values, attn, ops.decode_attention, self.layer)  # [T, q_out]
         x, h = ops.add_rms_norm(
-            x, _linear_lora(o, self.o, self.layer, "o", lora), self.mlp_norm.weight, self.mlp_norm.eps
+            x, _linear_lora(o, self.o, self.layer, "o", lora, ops), self.mlp_norm.weight, self.mlp_norm.eps
         )
-        gate_up = _linear_lora(h, self.gate_up, self.layer, "gate_up", lora)
-        return x + _linear_lora(ops.silu_mul(gate_up), self.down, self.layer, "down", lora)
+        gate_up = _linear_lora(h, self.gate_up, self.layer, "gate_up", lora, ops)
+        return x + _linear_lora(ops.silu_mul(gate_up), self.down, self.layer, "down", lora, ops)
 
 
 class Llama(nn.Module):
@@ -305,7 +304,15 @@ class Llama(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""
         normed = self.ops.rms_norm(hidden.contiguous(), self.norm.weight, self.norm.eps)
-        return F.linear(normed, self.lm_head).float()
+        return self.ops.linear(normed, self.lm_head).float()
+
+    def projections(self) -> list[torch.Tensor]:
+        """The weights the model multiplies by: every layer's four fused projections and the LM head."""
+        weights: list[torch.Tensor] = [self.lm_head]
+        for block in self.layers:
+            assert isinstance(block, Block)
+            weights += [block.qkv, block.o, block.gate_up, block.down]
+        return weights
 
 
 def load_llama(path: Path, dtype: torch.dtype, device: torch.device, max_len: int) -> Llama:
@@ -335,7 +342,8 @@ def load_llama(path: Path, dtype: torch.dtype, device: torch.device, max_len: in
     model.load_state_dict({k: v.to(dtype) for k, v in params.items()}, strict=False, assign=True)
     model.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
     model.to(device)
-    model.ops = ops_for(device)
+    model.ops = ops_for(device, dtype)
+    model.ops.pack(model.projections())
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"checkpoint lacks tensors for: {missing[:5]}")

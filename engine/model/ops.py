@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,13 @@ class TorchOps:
     # Whether decode attention reads only each sequence's own blocks whatever the table's width, which
     # fixed-shape (CUDA graph) decode steps rely on.
     reads_in_place = False
+
+    def pack(self, weights: Iterable[torch.Tensor]) -> None:
+        """Prepare the projection weights `linear` will be called with (nothing to do here)."""
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [T, in] @ weight [out, in]^T."""
+        return F.linear(x, weight)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Normalise in float32 like the reference implementation, then cast back before the weight.
@@ -66,9 +74,56 @@ class TorchOps:
         return qk[:, :num_heads], k, v
 
     def decode_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: AttentionBatch,
+        layer: int,
     ) -> torch.Tensor:
-        return gathered_decode(q, k_cache, v_cache, batch)
+        """q [B, H, D] and the rows' new k/v [B, Hkv, D] (already in the caches) -> [B, H, D]."""
+        return gathered_decode(q, k, v, k_cache, v_cache, batch, layer)
+
+
+class PackedCpuOps(TorchOps):
+    """The torch ops with each projection weight also held in oneDNN's packed layout (a second copy of
+    the weights). A matmul of at least `min_rows` rows goes through the packed copy, which skips
+    re-packing the weight on every call: 1.2-2x faster at 16 rows on the project's CPU. Fewer rows use
+    the plain weight, faster there."""
+
+    name = "torch+packed"
+    min_rows = 4
+
+    def __init__(self) -> None:
+        self._packed: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(weight) -> (weight, packed)
+
+    def pack(self, weights: Iterable[torch.Tensor]) -> None:
+        for w in weights:
+            self._packed[id(w)] = (w, torch.ops.mkldnn._reorder_linear_weight(w, None))
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        entry = self._packed.get(id(weight)) if x.shape[0] >= self.min_rows else None
+        if entry is None or entry[0] is not weight:
+            return F.linear(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, entry[1], None, "none", [], "")
+
+
+def packing_works(dtype: torch.dtype) -> bool:
+    """Whether this torch build has oneDNN's packed linear for `dtype` on the CPU and it agrees with
+    F.linear on a small probe (private ops: absent or broken ones leave the plain weights in use)."""
+    try:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(48, 32, generator=gen).to(dtype)
+        x = torch.randn(8, 32, generator=gen).to(dtype)
+        ops = PackedCpuOps()
+        ops.pack([w])
+        got = ops.linear(x, w)
+    except (AttributeError, RuntimeError) as e:
+        logger.info("oneDNN packed linear unavailable (%s): plain matmuls", e)
+        return False
+    return bool(torch.allclose(got.float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2))
 
 
 class TritonOps(TorchOps):
@@ -110,7 +165,14 @@ class TritonOps(TorchOps):
         return qk[:, :num_heads], qk[:, num_heads:], v
 
     def decode_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: AttentionBatch
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        batch: AttentionBatch,
+        layer: int,
     ) -> torch.Tensor:
         assert batch.decode_blocks is not None and batch.decode_lens is not None
         return self.k.paged_decode_attention(
@@ -126,10 +188,13 @@ def triton_available() -> bool:
     return True
 
 
-def ops_for(device: torch.device) -> TorchOps:
-    """Triton kernels on CUDA when Triton is installed (CHATMED_DISABLE_TRITON=1: never), else torch."""
+def ops_for(device: torch.device, dtype: torch.dtype) -> TorchOps:
+    """Triton kernels on CUDA when Triton is installed (CHATMED_DISABLE_TRITON=1: never); on the CPU the
+    torch ops with packed weights where oneDNN has them (CHATMED_DISABLE_PACKED=1: never); else torch."""
     if device.type == "cuda" and os.environ.get("CHATMED_DISABLE_TRITON") != "1":
         if triton_available():
             return TritonOps()
         logger.warning("Triton is not installed: CUDA runs the torch ops (slower decode, no CUDA graphs)")
+    if device.type == "cpu" and os.environ.get("CHATMED_DISABLE_PACKED") != "1" and packing_works(dtype):
+        return PackedCpuOps()
     return TorchOps()

@@ -1,0 +1,48 @@
+"""The CPU's packed-weight matmuls: the plain matmul's results, and the engine's tokens unchanged."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.core import EngineCore
+from engine.demo import DemoModel
+from engine.model.ops import PackedCpuOps, TorchOps, ops_for, packing_works
+from engine.types import SamplingParams
+from tests.conftest import engine_config
+
+CPU = torch.device("cpu")
+
+
+def test_this_torch_packs_weights_and_the_cpu_uses_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert packing_works(torch.float32)
+    assert isinstance(ops_for(CPU, torch.float32), PackedCpuOps)
+    monkeypatch.setenv("CHATMED_DISABLE_PACKED", "1")
+    assert type(ops_for(CPU, torch.float32)) is TorchOps
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 16, 37])
+def test_packed_linear_is_the_plain_linear(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    weight, other = torch.randn(96, 64, generator=g), torch.randn(96, 64, generator=g)
+    x = torch.randn(rows, 64, generator=g)
+    ops = PackedCpuOps()
+    ops.pack([weight])
+    if rows < ops.min_rows:  # few rows: the plain weight, bit for bit
+        assert torch.equal(ops.linear(x, weight), F.linear(x, weight))
+    else:
+        torch.testing.assert_close(ops.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ops.linear(x, other), F.linear(x, other))  # a weight never packed
+
+
+def test_engine_on_packed_weights_generates_what_plain_weights_generate(demo: DemoModel) -> None:
+    core = EngineCore(engine_config(demo))
+    assert isinstance(core.runner.model.ops, PackedCpuOps)
+    prompts = [core.tokenizer.encode(f"问：{q}\n答：") for q in ("头痛", "失眠多梦", "胃胀", "咳嗽", "腰痛")]
+    adapters = ["chatmed-consult", None, "chatmed-tcm", "chatmed-tcm", None]
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    packed = core.generate(prompts, params, adapters)
+    core.runner.model.ops = TorchOps()
+    plain = core.generate(prompts, params, adapters)
+    assert [o.token_ids for o in packed] == [o.token_ids for o in plain]
