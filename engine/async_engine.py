@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+
 from engine.config import EngineConfig
 from engine.core import EngineCore
 from engine.errors import (
@@ -251,6 +253,10 @@ class AsyncEngine:
             self._deliver([], [(request_id, e)])
 
     def _run(self) -> None:
+        # OpenMP's thread count belongs to each calling thread: the engine thread sets its own, or its
+        # matmuls would use every core whatever --num-threads says.
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
         try:
             while not self._stop.is_set():
                 self._wake.clear()

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
+import torch
 
 from engine import CHATMED_TEMPLATE, AsyncEngine, EngineCore, SamplingParams
 from engine.demo import DemoModel
@@ -188,5 +191,20 @@ async def test_evicted_adapters_are_read_back_and_never_mixed(demo: DemoModel, r
         for name, outs in zip(names, results, strict=True):
             assert [t for o in outs for t in o.token_ids] == expected[name].token_ids
         assert len(eng.core.loras.host) == 1
+    finally:
+        eng.shutdown()
+
+
+async def test_the_engine_thread_runs_on_the_configured_number_of_threads(demo: DemoModel) -> None:
+    """OpenMP keeps a thread count per calling thread: torch.set_num_threads on the thread that built the
+    engine leaves the engine thread's matmuls on every core unless that thread sets it too."""
+    libgomp = next((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"), None)
+    if libgomp is None:
+        pytest.skip("this torch build does not ship GNU OpenMP")
+    omp_get_max_threads = ctypes.CDLL(str(libgomp)).omp_get_max_threads
+    eng = AsyncEngine(engine_config(demo, num_threads=1))
+    eng.start()
+    try:
+        assert await asyncio.wait_for(eng._call(omp_get_max_threads), TIMEOUT_S) == 1
     finally:
         eng.shutdown()
