@@ -106,7 +106,9 @@ class ModelRunner:
         dev = self.device
         decode_rows = decode_blocks = decode_lens = decode_mask = None
         groups: list[DecodeGroup] | None = None
-        if decode_items:
+        if not decode_items:
+            self.workspaces = {}  # workspaces carry on only from one decode step to the next
+        else:
             lengths = [item.start + 1 for _, item in decode_items]
             tables = [item.seq.block_table for _, item in decode_items]
             decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)

@@ -5,6 +5,7 @@ Built once in `server.__main__.main()` and passed down; nothing here runs at imp
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -53,7 +54,10 @@ class Settings(BaseSettings):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="weight dtype")
     kv_cache_memory_mb: int = Field(default=512, ge=1, description="memory for the paged KV cache, in MiB")
     num_threads: int | None = Field(
-        default=None, ge=1, description="torch CPU threads of the engine; unset: torch's default"
+        default=None,
+        ge=1,
+        description="torch CPU threads of the engine; unset on the CPU: every core but one, which the "
+        "event loop keeps (at least 1)",
     )
     enforce_eager: bool = Field(
         default=False, description="on CUDA, run every decode step eagerly instead of replaying CUDA graphs"
@@ -160,9 +164,16 @@ class Settings(BaseSettings):
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras or max(self.max_loras, EngineConfig.max_cpu_loras),
             max_lora_rank=self.max_lora_rank,
-            num_threads=self.num_threads,
+            num_threads=self.num_threads
+            or (default_cpu_threads() if self.device.split(":")[0] == "cpu" else None),
             enforce_eager=self.enforce_eager,
         )
+
+
+def default_cpu_threads() -> int:
+    """Every core this process may use but one: the engine's matmuls wait at each step's barriers for
+    their slowest thread, and a thread that shares its core with the event loop is often that one."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
 
 
 def parse_adapter(spec: str) -> tuple[str, Path]:

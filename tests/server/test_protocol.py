@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -221,6 +222,15 @@ def test_settings_cli_beats_env_beats_defaults(monkeypatch: pytest.MonkeyPatch) 
     assert config.kv_cache_bytes == 64 * 1024**2 and config.max_num_seqs == 7
     assert not config.enforce_eager
     assert Settings.from_args(["--enforce-eager"]).engine_config(Path("/base"), ()).enforce_eager
+
+
+def test_cpu_threads_default_to_every_core_but_the_event_loops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert Settings.from_args([]).engine_config(Path("/base"), ()).num_threads == 3
+    assert Settings.from_args(["--num-threads", "4"]).engine_config(Path("/base"), ()).num_threads == 4
+    assert Settings.from_args(["--device", "cuda"]).engine_config(Path("/base"), ()).num_threads is None
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert Settings.from_args([]).engine_config(Path("/base"), ()).num_threads == 1
 
 
 def test_settings_repeatable_adapter_flag() -> None:
