@@ -104,7 +104,7 @@ class ModelRunner:
         num_tokens: int,
     ) -> AttentionBatch:
         dev = self.device
-        decode_rows = decode_blocks = decode_lens = decode_mask = None
+        decode_rows = decode_blocks = decode_lens = None
         groups: list[DecodeGroup] | None = None
         if not decode_items:
             self.workspaces = {}  # workspaces carry on only from one decode step to the next
@@ -124,7 +124,6 @@ class ModelRunner:
             decode_rows=decode_rows,
             decode_blocks=decode_blocks,
             decode_lens=decode_lens,
-            decode_mask=decode_mask,
             decode_is_all=len(decode_items) == num_tokens,
             prefills=prefills,
             decode_groups=groups,

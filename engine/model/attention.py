@@ -112,7 +112,6 @@ class AttentionBatch:
     decode_rows: torch.Tensor | None  # [B] long: flat indices of decode tokens (None: no decode tokens)
     decode_blocks: torch.Tensor | None  # [B, nb] long: each decode sequence's block table, padded with 0
     decode_lens: torch.Tensor | None  # [B] long: each decode sequence's context length, its query included
-    decode_mask: torch.Tensor | None  # [B, 1, 1, nb * block_size] bool: True where a key is real (torch ops)
     decode_is_all: bool  # every token of the step is a decode token, in order (skip the scatter)
     prefills: list[PrefillChunk]
     decode_groups: list[DecodeGroup] | None = None  # torch ops: attend the decode rows group by group
@@ -169,9 +168,7 @@ def gathered_decode(
             out[i] = _group_attention(q[i], k[i], v[i], k_cache, v_cache, group, batch, layer)
         return out
     assert batch.decode_blocks is not None and batch.decode_lens is not None
-    mask = batch.decode_mask
-    if mask is None:
-        mask = key_mask(batch.decode_lens, batch.decode_blocks.shape[1] * batch.block_size)
+    mask = key_mask(batch.decode_lens, batch.decode_blocks.shape[1] * batch.block_size)
     keys = _gather(k_cache, batch.decode_blocks, batch.block_size)
     values = _gather(v_cache, batch.decode_blocks, batch.block_size)
     return _decode_sdpa(q, keys, values, mask)

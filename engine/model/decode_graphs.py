@@ -160,7 +160,6 @@ class DecodeGraphs:
             decode_rows=None,
             decode_blocks=self.tables[:bucket],
             decode_lens=v[_LENS],
-            decode_mask=None,
             decode_is_all=True,
             prefills=[],
         )

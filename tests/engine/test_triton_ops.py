@@ -88,7 +88,7 @@ def test_paged_decode_reads_the_cache_in_place_like_the_gather(
     # Each row owns distinct blocks, in a scrambled order.
     tables = torch.randperm(num_blocks, generator=g).view(5, width).to(DEVICE)
     q = torch.randn(5, heads, head_dim, generator=g).to(DEVICE, dtype)
-    batch = AttentionBatch(block_size, lens, None, tables, lens, None, True, [])
+    batch = AttentionBatch(block_size, lens, None, tables, lens, True, [])
     ours = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
     # Without decode groups the torch ops gather everything from the cache; the rows' new k/v go unread.
     _close(ours, TORCH.decode_attention(q, k_cache[:5], v_cache[:5], k_cache, v_cache, batch, 0), dtype)
