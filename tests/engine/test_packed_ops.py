@@ -46,3 +46,22 @@ def test_engine_on_packed_weights_generates_what_plain_weights_generate(demo: De
     core.runner.model.ops = TorchOps()
     plain = core.generate(prompts, params, adapters)
     assert [o.token_ids for o in packed] == [o.token_ids for o in plain]
+
+
+def test_packed_kernels_see_a_handful_of_row_counts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """oneDNN keeps a kernel (about half a MiB) for every row count it is given: rows are padded to a
+    power of two so that any mix of batch sizes needs a few, not one per size (an RSS leak in a soak)."""
+    seen: set[int] = set()
+    kernel = torch.ops.mkldnn._linear_pointwise
+
+    def spy(x: torch.Tensor, *args: object) -> torch.Tensor:
+        seen.add(x.shape[0])
+        return kernel(x, *args)
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", spy)
+    ops, weight = PackedCpuOps(), torch.randn(48, 32)
+    ops.pack([weight])
+    for rows in range(1, 600):
+        x = torch.randn(rows, 32)
+        torch.testing.assert_close(ops.linear(x, weight), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert seen == {4, 8, 16, 32, 64, 128, 256}
