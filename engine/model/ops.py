@@ -73,18 +73,8 @@ class TorchOps:
         v_cache.index_copy_(0, slot_mapping, v)
         return qk[:, :num_heads], k, v
 
-    def decode_attention(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        batch: AttentionBatch,
-        layer: int,
-    ) -> torch.Tensor:
-        """q [B, H, D] and the rows' new k/v [B, Hkv, D] (already in the caches) -> [B, H, D]."""
-        return gathered_decode(q, k, v, k_cache, v_cache, batch, layer)
+    # (q [B, H, D], the rows' new k/v [B, Hkv, D] already in the caches, caches, batch, layer) -> [B, H, D]
+    decode_attention = staticmethod(gathered_decode)
 
 
 class PackedCpuOps(TorchOps):
