@@ -342,8 +342,9 @@ def load_llama(path: Path, dtype: torch.dtype, device: torch.device, max_len: in
     model.load_state_dict({k: v.to(dtype) for k, v in params.items()}, strict=False, assign=True)
     model.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
     model.to(device)
-    model.ops = ops_for(device, dtype)
-    model.ops.pack(model.projections())
+    projections = model.projections()
+    model.ops = ops_for(device, dtype, sum(w.numel() * w.element_size() for w in projections))
+    model.ops.pack(projections)
     missing = [n for n, p in model.named_parameters() if p.is_meta]
     if missing:
         raise ValueError(f"checkpoint lacks tensors for: {missing[:5]}")

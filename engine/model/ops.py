@@ -186,13 +186,21 @@ def triton_available() -> bool:
     return True
 
 
-def ops_for(device: torch.device, dtype: torch.dtype) -> TorchOps:
+def ops_for(device: torch.device, dtype: torch.dtype, weight_bytes: int = 0) -> TorchOps:
     """Triton kernels on CUDA when Triton is installed (CHATMED_DISABLE_TRITON=1: never); on the CPU the
-    torch ops with packed weights where oneDNN has them (CHATMED_DISABLE_PACKED=1: never); else torch."""
+    torch ops with packed weights where oneDNN has them and a second copy of the `weight_bytes` of
+    projections takes at most a quarter of the machine's memory (CHATMED_DISABLE_PACKED=1: never); else
+    the torch ops."""
     if device.type == "cuda" and os.environ.get("CHATMED_DISABLE_TRITON") != "1":
         if triton_available():
             return TritonOps()
         logger.warning("Triton is not installed: CUDA runs the torch ops (slower decode, no CUDA graphs)")
-    if device.type == "cpu" and os.environ.get("CHATMED_DISABLE_PACKED") != "1" and packing_works(dtype):
-        return PackedCpuOps()
+    if device.type == "cpu" and os.environ.get("CHATMED_DISABLE_PACKED") != "1":
+        memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        if weight_bytes > memory // 4:
+            logger.info(
+                "projections too large to keep a packed copy (%d MiB): plain matmuls", weight_bytes >> 20
+            )
+        elif packing_works(dtype):
+            return PackedCpuOps()
     return TorchOps()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,9 @@ CPU = torch.device("cpu")
 def test_this_torch_packs_weights_and_the_cpu_uses_them(monkeypatch: pytest.MonkeyPatch) -> None:
     assert packing_works(torch.float32)
     assert isinstance(ops_for(CPU, torch.float32), PackedCpuOps)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert isinstance(ops_for(CPU, torch.float32, memory // 4), PackedCpuOps)
+    assert type(ops_for(CPU, torch.float32, memory // 4 + 1)) is TorchOps  # no room for a second copy
     monkeypatch.setenv("CHATMED_DISABLE_PACKED", "1")
     assert type(ops_for(CPU, torch.float32)) is TorchOps
 
