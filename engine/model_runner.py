@@ -130,25 +130,9 @@ class ModelRunner:
         )
 
     def _decode_groups(self, lengths: list[int], seqs: list[Sequence]) -> list[DecodeGroup]:
-        """The decode rows in one group, or in two (short and long contexts) when that cuts the padded
-        keys attention reads by a quarter or more; each group with its workspace."""
+        """The decode rows in groups (_split), each with its workspace."""
         n, bs = len(lengths), self.block_size
-        row_of = {seq: i for i, seq in enumerate(seqs)}
-        if (
-            len(row_of) == n
-            and sum(map(len, self.workspaces)) == n
-            and all(row_of.keys() >= set(m) for m in self.workspaces)
-        ):
-            # The same sequences as the last step: keep its groups, whose workspaces carry on.
-            parts = [[row_of[seq] for seq in members] for members in self.workspaces]
-        else:
-            parts = [list(range(n))]
-            if n >= 4:
-                order = sorted(range(n), key=lengths.__getitem__)
-                blocks = [-(-lengths[i] // bs) for i in order]
-                cost, split = min((k * blocks[k - 1] + (n - k) * blocks[-1], k) for k in range(1, n))
-                if cost <= 0.75 * n * blocks[-1]:
-                    parts = [order[:split], order[split:]]
+        parts = self._split(lengths, seqs)
         groups = []
         workspaces: dict[tuple[Sequence, ...], DecodeWorkspace] = {}
         budget = self.workspace_budget
@@ -172,6 +156,23 @@ class ModelRunner:
             )
         self.workspaces = workspaces  # the groups of earlier steps that did not carry on are let go
         return groups
+
+    def _split(self, lengths: list[int], seqs: list[Sequence]) -> list[list[int]]:
+        """Row indices per group: the last step's groups while their workspaces carry on (the same
+        sequences, none joined or left); else one group, or two (short and long contexts) when that
+        cuts the padded keys attention reads by a quarter or more."""
+        n, bs = len(lengths), self.block_size
+        row_of = {seq: i for i, seq in enumerate(seqs)}
+        carried = [[row_of.get(seq, -1) for seq in members] for members in self.workspaces]
+        if sum(map(len, carried)) == n and all(i >= 0 for part in carried for i in part):
+            return carried
+        if n >= 4:
+            order = sorted(range(n), key=lengths.__getitem__)
+            blocks = [-(-lengths[i] // bs) for i in order]
+            cost, split = min((k * blocks[k - 1] + (n - k) * blocks[-1], k) for k in range(1, n))
+            if cost <= 0.75 * n * blocks[-1]:
+                return [order[:split], order[split:]]
+        return [list(range(n))]
 
     def _plan_workspace(
         self, members: tuple[Sequence, ...], lens: list[int], width: int, budget: int

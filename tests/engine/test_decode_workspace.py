@@ -148,3 +148,15 @@ def test_workspaces_stay_within_their_budget(demo: DemoModel, monkeypatch: pytes
     assert all(used <= peak // 2 for used, _ in usage)
     assert any(without for _, without in usage) and any(used for used, _ in usage)
     assert [o.token_ids for o in outputs] == [o.token_ids for o in reference]
+
+
+def test_groups_and_workspaces_carry_on_while_the_sequences_stay(
+    demo: DemoModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows cross block boundaries every fourth step, which would move the best short/long split; the
+    groups stay as they are while the same sequences decode, so only the first decode step refills."""
+    counts = _count_plans(monkeypatch)
+    core = EngineCore(engine_config(demo, block_size=4))
+    _decode(core, None, monkeypatch)  # eight decode steps of six sequences, 16 positions of room
+    assert counts[False] > 0
+    assert counts[True] == len(core.runner.workspaces), counts
