@@ -110,11 +110,11 @@ class ModelRunner:
             self.workspaces = {}  # workspaces carry on only from one decode step to the next
         else:
             lengths = [item.start + 1 for _, item in decode_items]
-            tables = [item.seq.block_table for _, item in decode_items]
-            decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
             if self.model.ops.reads_in_place:
                 width = -(-max(lengths) // self.block_size)
+                tables = [item.seq.block_table for _, item in decode_items]
                 decode_blocks = self._block_tensor(tables, width)  # [B, width]
+                decode_lens = torch.tensor(lengths, dtype=torch.long, device=dev)
             else:
                 groups = self._decode_groups(lengths, [item.seq for _, item in decode_items])
             decode_rows = torch.tensor([row for row, _ in decode_items], dtype=torch.long, device=dev)

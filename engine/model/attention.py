@@ -110,6 +110,7 @@ class AttentionBatch:
     block_size: int
     slot_mapping: torch.Tensor  # [T] long: where each token's key/value is written
     decode_rows: torch.Tensor | None  # [B] long: flat indices of decode tokens (None: no decode tokens)
+    # The whole decode batch at once (ops that read in place, fixed-shape steps); None with decode_groups.
     decode_blocks: torch.Tensor | None  # [B, nb] long: each decode sequence's block table, padded with 0
     decode_lens: torch.Tensor | None  # [B] long: each decode sequence's context length, its query included
     decode_is_all: bool  # every token of the step is a decode token, in order (skip the scatter)
@@ -159,12 +160,14 @@ def gathered_decode(
 ) -> torch.Tensor:
     """q: [B, H, D] one query per sequence -> [B, H, D], from whole blocks copied out of the cache (or
     kept in a group's workspace)."""
-    if batch.decode_groups:
+    groups = batch.decode_groups
+    if groups:
+        if groups[0].index is None:  # one group: every row, in order
+            return _group_attention(q, k, v, k_cache, v_cache, groups[0], batch, layer)
         out = torch.empty_like(q)
-        for group in batch.decode_groups:
+        for group in groups:
             i = group.index
-            if i is None:
-                return _group_attention(q, k, v, k_cache, v_cache, group, batch, layer)
+            assert i is not None
             out[i] = _group_attention(q[i], k[i], v[i], k_cache, v_cache, group, batch, layer)
         return out
     assert batch.decode_blocks is not None and batch.decode_lens is not None
