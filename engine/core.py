@@ -202,10 +202,7 @@ class EngineCore:
 
     def _process(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
         reqs = [self.requests[item.seq.request_id] for item in sampling]
-        rows = [
-            SamplingRow(r.params, r.seq.token_ids[: r.seq.num_prompt_tokens], r.seq.output_ids, r.generator)
-            for r in reqs
-        ]
+        rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
         result = self.sampler.sample(logits, rows)
         now = time.monotonic()
         outputs = []

@@ -95,6 +95,11 @@ class Tokenizer:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {path}")
         self._tok: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        # A Rust-backed tokenizer is decoded through its backend directly: transformers' decode() calls
+        # the same method (it cleans up nothing here) after converting its arguments, which costs more
+        # than the decode of the few ids the streaming detokenizer passes, twice per token.
+        backend = getattr(self._tok, "backend_tokenizer", None)
+        self._backend: Any = backend if callable(getattr(backend, "decode", None)) else None
         eos = self._tok.eos_token_id
         if eos is None:
             raise ValueError(f"the tokenizer in {path} has no EOS token")
@@ -176,7 +181,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`, special tokens skipped. No clean-up of spaces: it is not local to the tokens
         decoded, which would break streaming, and it alters Chinese punctuation spacing."""
-        text: str = self._tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        if self._backend is not None:
+            text: str = self._backend.decode(list(ids), skip_special_tokens=True)
+        else:
+            text = self._tok.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return text
 
     def token_text(self, token_id: int) -> str:

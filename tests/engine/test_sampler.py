@@ -15,9 +15,11 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from engine import sampler as sampler_module
 from engine.sampler import (
     Sampler,
     SamplingRow,
+    Truncation,
     apply_frequency_presence_penalty,
     apply_repetition_penalty,
     apply_top_k_top_p,
@@ -53,7 +55,7 @@ def _row(
     prompt_ids: Sequence[int] = (1, 5, 7),
 ) -> SamplingRow:
     generator = Sampler.make_generator(params.seed, CPU) if params.seed is not None else None
-    return SamplingRow(params=params, prompt_ids=prompt_ids, output_ids=list(output_ids), generator=generator)
+    return SamplingRow(params, [*prompt_ids, *output_ids], len(prompt_ids), generator)
 
 
 def _random_logits(num_rows: int, seed: int, vocab: int = VOCAB) -> torch.Tensor:
@@ -132,9 +134,9 @@ def _seeded_stream(sampler: Sampler, seed: int, companions: int, position: int, 
         logits = torch.cat([other_logits[:position], own_logits, other_logits[position:]])
         result = sampler.sample(logits, rows)
         tokens.append(result.token_ids[position])
-        target.output_ids = [*target.output_ids, result.token_ids[position]]
+        target.token_ids = [*target.token_ids, result.token_ids[position]]
         for i, row in enumerate(companion_rows):
-            row.output_ids = [*row.output_ids, result.token_ids[i if i < position else i + 1]]
+            row.token_ids = [*row.token_ids, result.token_ids[i if i < position else i + 1]]
     return tokens
 
 
@@ -252,6 +254,35 @@ def test_top_p_keeps_the_smallest_set_reaching_p(top_p: float, kept: set[int]) -
     rows = [_row(SamplingParams(top_p=top_p))] * 3000
     drawn = set(sampler.sample(logits.expand(3000, 4), rows).token_ids)
     assert drawn == kept  # 3000 draws see every kept token (the rarest has p >= 0.05)
+
+
+def test_probe_tier_changes_no_kept_set_and_no_draw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows whose nucleus lies in the top 16, rows looked at again 128 wide, rows past 128 and rows whose
+    top_k is beyond the probe: the same kept sets and the same tokens as without the probe."""
+    vocab, rows = 2000, 48
+    gen = torch.Generator().manual_seed(11)
+    # From nearly flat rows to very peaked ones (temperature 0.2 on sharp logits).
+    sharpness = torch.logspace(-1.5, 1.3, rows).unsqueeze(1)
+    logits = torch.randn(rows, vocab, generator=gen) * sharpness
+    probs = logits.softmax(dim=-1)
+    top_k = torch.tensor([0, 0, 5, 40] * (rows // 4))
+    top_p = torch.tensor([0.9, 0.5, 1.0, 0.95] * (rows // 4), dtype=torch.float64)
+    uniforms = torch.rand(rows, generator=gen, dtype=torch.float64)
+
+    def run() -> tuple[Truncation, torch.Tensor]:
+        kept = truncate(logits, probs, top_k, top_p)
+        return kept, sample_truncated(logits, probs, kept, uniforms)
+
+    probed, probed_tokens = run()
+    monkeypatch.setattr(sampler_module, "PROBE_CANDIDATES", vocab)
+    plain, plain_tokens = run()
+    sizes = probed.candidate_keep.sum(dim=-1)
+    narrow = torch.tensor(probed.narrow)
+    assert (narrow & (sizes <= 16)).any() and (narrow & (sizes > 16)).any() and (~narrow).any()
+    assert probed.narrow == plain.narrow
+    assert torch.equal(probed.cutoff, plain.cutoff)
+    assert torch.equal(sizes[narrow], plain.candidate_keep.sum(dim=-1)[narrow])
+    assert torch.equal(probed_tokens, plain_tokens)
 
 
 # --- against transformers' processors ------------------------------------------------------------------

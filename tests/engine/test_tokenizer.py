@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -26,6 +27,11 @@ OUT_OF_VOCAB = "𠀀𪚥鱻😀🩺💊é"
 @pytest.fixture(scope="module")
 def tok(demo: DemoModel) -> Tokenizer:
     return Tokenizer(demo.base_path)
+
+
+@pytest.fixture(scope="module")
+def hf(demo: DemoModel) -> Any:
+    return AutoTokenizer.from_pretrained(demo.base_path)
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +75,16 @@ def test_encode_adds_bos_once(tok: Tokenizer) -> None:
 def test_decode_skips_special_tokens(tok: Tokenizer) -> None:
     ids = tok.encode("头痛 hello 𠀀", add_bos=False)
     assert tok.decode([1, *ids, 2]) == "头痛 hello 𠀀"
+
+
+@PROPERTY
+@given(data=st.data())
+def test_decode_equals_transformers_decode(tok: Tokenizer, hf: Any, data: st.DataObject) -> None:
+    # decode() goes to the Rust backend directly; it must give what transformers' own decode gives.
+    ids = data.draw(st.lists(st.integers(0, tok.vocab_size - 1), max_size=30))
+    expected = hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    assert tok._backend is not None
+    assert tok.decode(ids) == expected
 
 
 def test_alphabet_reaches_byte_fallback(tok: Tokenizer, byte_id: dict[int, int]) -> None:

@@ -282,7 +282,7 @@ async def test_a_dead_engine_gives_503(demo: DemoModel, chat_body: ChatBody) -> 
         (KeyError("a prompt"), 500),
     ],
 )
-def test_error_table(exc: Exception, status: int) -> None:
+async def test_error_table(exc: Exception, status: int) -> None:  # async: the module is marked asyncio
     assert error_kind(exc).status == status
     body = error_body(exc).error
     if status >= 500:
