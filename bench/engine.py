@@ -2,11 +2,12 @@
 one request at a time (the original ChatMed service's way), on the ~20M-parameter bench model.
 
     python -m bench.engine [--data ../shared/data/chatmed] [--num-requests 32] [--max-tokens 128] \\
-        [--concurrency 1,8,32] [--json results.json]
+        [--concurrency 1,8,32] [--temperature 0] [--top-p 1] [--repetition-penalty 1] [--json results.json]
 
 Both adapters mixed 50/50 (Consult questions on chatmed-consult, TCM questions on chatmed-tcm), exactly
 --max-tokens new tokens per request (EOS ignored), greedy unless --temperature > 0 (then seeded per
-request). Both systems get the same prompt ids. Prints one table; the ratio column is output tokens/s
+request, with --top-p; `--temperature 0.2 --top-p 0.9 --repetition-penalty 1.3` are ChatMed's defaults).
+Both systems get the same prompt ids and settings. Prints one table; the ratio column is output tokens/s
 over the baseline's, measured in the same run.
 """
 
@@ -68,18 +69,39 @@ class RunResult:
         return self.output_tokens / self.num_requests if self.num_requests else math.nan
 
 
-def sampling_params(max_tokens: int, temperature: float, seed: int) -> SamplingParams:
-    """Exactly max_tokens tokens (EOS ignored); greedy at temperature 0, else seeded sampling."""
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=temperature,
-        ignore_eos=True,
-        seed=seed if temperature > 0 else None,
-    )
+@dataclass(frozen=True)
+class Decoding:
+    """How every request of a run decodes, in both systems: greedy at temperature 0, else seeded sampling."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def params(self, max_tokens: int, seed: int) -> SamplingParams:
+        """Ours: exactly max_tokens tokens (EOS ignored)."""
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            ignore_eos=True,
+            seed=seed if self.temperature > 0 else None,
+        )
+
+    def options(self, max_tokens: int, seed: int) -> GenerateOptions:
+        """The baseline's: generate(max_new_tokens=min_new_tokens=max_tokens)."""
+        return GenerateOptions(
+            max_new_tokens=max_tokens,
+            min_new_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=seed,
+        )
 
 
 def run_engine(
-    core: EngineCore, workloads: Sequence[Workload], max_tokens: int, temperature: float, concurrency: int
+    core: EngineCore, workloads: Sequence[Workload], max_tokens: int, decoding: Decoding, concurrency: int
 ) -> RunResult:
     """Feed at most `concurrency` requests at a time through add_request/step until all finish."""
     pending = deque(enumerate(workloads))
@@ -93,7 +115,7 @@ def run_engine(
         while pending and len(started) < concurrency:
             index, work = pending.popleft()
             request_id = f"bench-{concurrency}-{index}"
-            params = sampling_params(max_tokens, temperature, work.seed)
+            params = decoding.params(max_tokens, work.seed)
             core.add_request(request_id, work.prompt_ids, params, work.adapter)
             started[request_id] = time.perf_counter()
         if not started:
@@ -111,22 +133,15 @@ def run_engine(
 
 
 def run_baseline(
-    generator: PeftGenerator, workloads: Sequence[Workload], max_tokens: int, temperature: float
+    generator: PeftGenerator, workloads: Sequence[Workload], max_tokens: int, decoding: Decoding
 ) -> RunResult:
     """One request at a time, `set_adapter` per request, generate(max_new_tokens=min_new_tokens=N)."""
     latencies: list[float] = []
     output_tokens = 0
     start = time.perf_counter()
     for work in workloads:
-        options = GenerateOptions(
-            max_new_tokens=max_tokens,
-            min_new_tokens=max_tokens,
-            temperature=temperature,
-            top_p=1.0,
-            repetition_penalty=1.0,
-            seed=work.seed,
-        )
         began = time.perf_counter()
+        options = decoding.options(max_tokens, work.seed)
         output_tokens += len(generator.generate(work.prompt_ids, work.adapter, options))
         latencies.append(time.perf_counter() - began)
     duration = time.perf_counter() - start
@@ -157,6 +172,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", default="1,8,32", help="comma-separated concurrency levels")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0, help="with --temperature > 0")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-baseline", action="store_true", help="skip transformers generate + peft")
     parser.add_argument("--cache-dir", type=Path, default=None, help="demo model cache")
@@ -190,19 +207,20 @@ def run(args: argparse.Namespace) -> tuple[list[RunResult], RunResult | None]:
     workloads = build_workloads(core, args.data, max(args.num_requests, args.num_serial_requests), args.seed)
     serial = workloads[: args.num_serial_requests]
     # Warm-up (unmeasured): first-call allocations and kernel selection, both adapters.
-    run_engine(core, workloads[:2], 8, args.temperature, 2)
+    decoding = Decoding(args.temperature, args.top_p, args.repetition_penalty)
+    run_engine(core, workloads[:2], 8, decoding, 2)
     ours = []
     for level in levels:
         chosen = serial if level == 1 else workloads[: args.num_requests]
         logger.info("our engine: %d requests at concurrency %d", len(chosen), level)
-        ours.append(run_engine(core, chosen, args.max_tokens, args.temperature, level))
+        ours.append(run_engine(core, chosen, args.max_tokens, decoding, level))
     del core
     baseline = None
     if not args.no_baseline:
         generator = PeftGenerator(demo.base_path, sorted(demo.adapters.items()), args.device, args.dtype)
-        run_baseline(generator, workloads[:2], 8, args.temperature)
+        run_baseline(generator, workloads[:2], 8, decoding)
         logger.info("baseline: %d requests one at a time", len(serial))
-        baseline = run_baseline(generator, serial, args.max_tokens, args.temperature)
+        baseline = run_baseline(generator, serial, args.max_tokens, decoding)
     return ours, baseline
 
 
@@ -256,6 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(results_table(ours, baseline))
     print(
         f"{args.max_tokens} new tokens per request, EOS ignored, both adapters 50/50; "
+        f"temperature {args.temperature}, top_p {args.top_p}, repetition_penalty {args.repetition_penalty}; "
         f"torch threads {torch.get_num_threads()}; vs base = out tok/s / baseline's"
     )
     print(f"at start: {load_before}\nat end: {load_note()}")
