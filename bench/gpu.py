@@ -665,6 +665,9 @@ class Row:
     step_ms: float  # ours: median decode step; transformers: mean generate step
     floor_ms: float  # the memory floor of that step (decode_read_bytes / copy bandwidth)
     partial: bool = False  # cut short at the deadline
+    # Ours at batch 1: the median of the same steps' model part (input copy, forward, logits) waited for
+    # on the device; step ms minus this is host work the device sits idle through.
+    forward_ms: float = math.nan
     vs_transformers: float = math.nan
 
     @property
@@ -682,17 +685,56 @@ class StepLog:
 
     step_s: list[float] = field(default_factory=list)
     decode_s: list[float] = field(default_factory=list)
+    forward_s: list[float] = field(default_factory=list)  # with time_forward: the model part of decode_s
     contexts: list[float] = field(default_factory=list)  # mean context length at each decode step
 
 
+@contextmanager
+def forward_timer(core: EngineCore) -> Iterator[list[float]]:
+    """While open, each `core.runner.run` call's seconds are appended to the list it yields, measured to
+    the device's completion of the work (a synchronize the sampler would have waited for anyway)."""
+    run, times = core.runner.run, []
+
+    def timed(*args: Any) -> torch.Tensor:
+        began = time.perf_counter()
+        logits = run(*args)
+        synchronize(core.device)
+        times.append(time.perf_counter() - began)
+        return logits
+
+    core.runner.run = timed  # type: ignore[method-assign]
+    try:
+        yield times
+    finally:
+        del core.runner.run  # the instance attribute goes; the method shows through again
+
+
 def run_engine(
-    core: EngineCore, works: Sequence[Work], max_tokens: int, deadline: float, tag: str
+    core: EngineCore,
+    works: Sequence[Work],
+    max_tokens: int,
+    deadline: float,
+    tag: str,
+    time_forward: bool = False,
 ) -> tuple[int, float, StepLog, bool]:
     """All requests added at once and stepped to completion, or aborted at `deadline`.
     Returns (output tokens, seconds from the first add to the last token, step log, partial).
 
     A step is decode-only when every request still running had its first token before it (all were
-    added at once) and no preemption happened during it."""
+    added at once) and no preemption happened during it. With `time_forward` the log also holds each
+    decode-only step's model part (forward_timer)."""
+    with forward_timer(core) if time_forward else nullcontext([]) as forward_s:
+        return _run_engine(core, works, max_tokens, deadline, tag, forward_s)
+
+
+def _run_engine(
+    core: EngineCore,
+    works: Sequence[Work],
+    max_tokens: int,
+    deadline: float,
+    tag: str,
+    forward_s: list[float],
+) -> tuple[int, float, StepLog, bool]:
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     request_ids = [f"{tag}-{i}" for i in range(len(works))]
     produced: dict[str, int] = {}
@@ -714,10 +756,13 @@ def run_engine(
         decode_only = len(produced) == len(works)
         preemptions = core.stats().num_preemptions
         began = time.perf_counter()
+        forwards = len(forward_s)
         outputs = core.step()
         log.step_s.append(time.perf_counter() - began)
         if decode_only and core.stats().num_preemptions == preemptions:
             log.decode_s.append(log.step_s[-1])
+            if len(forward_s) == forwards + 1:
+                log.forward_s.append(forward_s[-1])
             log.contexts.append(prompt_len + statistics.fmean(n for n in produced.values() if n < max_tokens))
         for out in outputs:
             produced[out.request_id] = out.num_output_tokens
@@ -764,12 +809,16 @@ def decode_row(
 ) -> Row:
     """One request alone: the median of `steps` decode steps after a quarter as many warm-up steps."""
     warmup = max(2, steps // 4)
-    _, _, log, partial = run_engine(core, [work], warmup + steps + 1, deadline, f"decode-{work.adapter}")
+    tag = f"decode-{work.adapter}"
+    _, _, log, partial = run_engine(core, [work], warmup + steps + 1, deadline, tag, time_forward=True)
     timed, contexts = log.decode_s[warmup:], log.contexts[warmup:]
     adapters = {work.adapter} if work.adapter else set()
     floor_ms = floor.ms(1, _mean(contexts), adapters)
     label = setup or work.adapter or _BASE
-    return Row(_OURS, label, 1, len(timed), sum(timed), _median_ms(timed), floor_ms, partial)
+    forward_ms = _median_ms(log.forward_s[warmup:]) if len(log.forward_s) == len(log.decode_s) else math.nan
+    return Row(
+        _OURS, label, 1, len(timed), sum(timed), _median_ms(timed), floor_ms, partial, forward_ms=forward_ms
+    )
 
 
 def eager_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
@@ -1077,6 +1126,8 @@ NOTES = (
     "step ms: ours = median decode-only engine step (schedule, forward, sample, detokenize);",
     "  transformers = generate's wall time / new tokens. Our batch-1 rows count only the timed decode",
     "  steps (after warm-up); the other rows whole runs, prefill included.",
+    "forward ms = those batch-1 steps' model part alone (input copy, forward, logits, waited for on",
+    "  the device): step ms minus forward ms is host work during which the device idles.",
     "floor ms = bytes a decode step must read / copy bandwidth: every layer weight, the final norm and",
     "  the full lm_head, one embedding row and the cached K/V per sequence, plus the adapters' A and B.",
     "vs transformers = out tok/s over transformers' row of the same setup at the largest batch not",
@@ -1090,6 +1141,7 @@ TABLE_HEADERS = (
     "seconds",
     "out tok/s",
     "step ms",
+    "forward ms",
     "floor ms",
     "x floor",
     "vs transformers",
@@ -1106,6 +1158,7 @@ def _cells(row: Row) -> list[Cell]:
         row.seconds,
         row.out_tok_s,
         row.step_ms,
+        row.forward_ms,
         row.floor_ms,
         format_ratio(row.x_floor),
         format_ratio(row.vs_transformers),

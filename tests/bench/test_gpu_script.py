@@ -101,6 +101,10 @@ def test_cpu_run_reports_every_figure(cpu_run: CpuRun) -> None:
     for row in rows[2:]:
         assert row["output_tokens"] == row["batch"] * preset.max_tokens, row
     assert rows[0]["output_tokens"] == preset.decode_steps
+    # Each timed step's model part is inside that step, so the medians keep that order.
+    for row in rows[:2]:
+        assert 0 < row["forward_ms"] <= row["step_ms"], row
+    assert all(row["forward_ms"] is None for row in rows[2:])
     # A step of 4 sequences reads the same weights as one, plus more cached keys and embedding rows.
     batch_4 = _row(result, "chatmed engine", "base", 4)["floor_ms"]
     assert rows[0]["floor_ms"] < batch_4 < 2 * rows[0]["floor_ms"]
