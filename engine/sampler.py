@@ -316,8 +316,8 @@ def _first_tier(
     are the probe's alone."""
     vocab_size = logits.shape[-1]
     probe = min(PROBE_CANDIDATES, width)
-    # A row with top_k above the probe cannot be decided in it; skip the probe when no row could.
-    if probe < width and not bool(((top_k <= probe) | ~active).any()):
+    # A row with top_k above the probe cannot be decided in it; skip the probe when no active row could.
+    if probe < width and not bool((active & (top_k <= probe)).any()):
         probe = width
     candidates, ids = logits.topk(probe, dim=-1)  # [rows, probe], descending
     cand_probs = probs.gather(1, ids).double()
