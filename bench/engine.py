@@ -21,7 +21,8 @@ import platform
 import time
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from bench.hf_baseline import GenerateOptions, PeftGenerator
 from bench.prompts import DEFAULT_DATA_DIR, load_mixed_chatmed
 from bench.report import Cell, format_ratio, format_table, load_note, write_json
 from bench.stats import mean, ratio
+from bench.timing import call_timer, synchronize
 from engine import CHATMED_TEMPLATE, EngineConfig, EngineCore, SamplingParams
 from engine.demo import DemoSpec, build_demo
 
@@ -59,10 +61,22 @@ class RunResult:
     output_tokens: int
     duration_s: float
     mean_latency_s: float
+    # Ours: engine steps, and the seconds of all of them spent in the model (ModelRunner.run, to a
+    # device synchronize) and in the sampler; the rest is scheduling, detokenizing and this loop.
+    steps: int = 0
+    forward_s: float = math.nan
+    sampler_s: float = math.nan
 
     @property
     def output_throughput(self) -> float:
         return self.output_tokens / self.duration_s if self.duration_s > 0 else math.nan
+
+    def per_step_ms(self, seconds: float) -> float:
+        return seconds / self.steps * 1e3 if self.steps else math.nan
+
+    @property
+    def rest_s(self) -> float:
+        return self.duration_s - self.forward_s - self.sampler_s
 
     @property
     def tokens_per_request(self) -> float:
@@ -104,12 +118,22 @@ def run_engine(
     core: EngineCore, workloads: Sequence[Workload], max_tokens: int, decoding: Decoding, concurrency: int
 ) -> RunResult:
     """Feed at most `concurrency` requests at a time through add_request/step until all finish."""
+    sync = partial(synchronize, core.device)
+    with call_timer(core.runner, "run", sync) as forward_s, call_timer(core.sampler, "sample") as sampler_s:
+        result = _run_engine(core, workloads, max_tokens, decoding, concurrency)
+    return replace(result, forward_s=sum(forward_s), sampler_s=sum(sampler_s))
+
+
+def _run_engine(
+    core: EngineCore, workloads: Sequence[Workload], max_tokens: int, decoding: Decoding, concurrency: int
+) -> RunResult:
     pending = deque(enumerate(workloads))
     started: dict[str, float] = {}
     latencies: list[float] = []
     output_tokens = 0
     # Every step produces at least one token for some running request, so this bounds the loop.
     max_steps = 4 * sum(len(w.prompt_ids) + max_tokens for w in workloads) + 100
+    steps = 0
     start = time.perf_counter()
     for _ in range(max_steps):
         while pending and len(started) < concurrency:
@@ -120,7 +144,9 @@ def run_engine(
             started[request_id] = time.perf_counter()
         if not started:
             break
-        for output in core.step():
+        outputs = core.step()
+        steps += 1
+        for output in outputs:
             if output.finished:
                 output_tokens += output.num_output_tokens
                 latencies.append(time.perf_counter() - started.pop(output.request_id))
@@ -129,7 +155,7 @@ def run_engine(
     else:
         raise RuntimeError(f"the engine did not finish within {max_steps} steps")
     duration = time.perf_counter() - start
-    return RunResult(OURS_NAME, concurrency, len(workloads), output_tokens, duration, mean(latencies))
+    return RunResult(OURS_NAME, concurrency, len(workloads), output_tokens, duration, mean(latencies), steps)
 
 
 def run_baseline(
@@ -226,7 +252,7 @@ def run(args: argparse.Namespace) -> tuple[list[RunResult], RunResult | None]:
 
 def results_table(ours: Sequence[RunResult], baseline: RunResult | None) -> str:
     headers = ["system", "concurrency", "requests", "out tokens", "tok/req", "seconds", "out tok/s"]
-    headers.append("vs base")
+    headers += ["vs base", "steps", "model ms", "sampler ms", "rest ms"]
     runs = ([baseline] if baseline else []) + list(ours)
     base_rate = baseline.output_throughput if baseline else math.nan
     rows: list[list[Cell]] = [
@@ -239,6 +265,10 @@ def results_table(ours: Sequence[RunResult], baseline: RunResult | None) -> str:
             r.duration_s,
             r.output_throughput,
             format_ratio(ratio(r.output_throughput, base_rate)),
+            r.steps or "n/a",
+            r.per_step_ms(r.forward_s),
+            r.per_step_ms(r.sampler_s),
+            r.per_step_ms(r.rest_s),
         ]
         for r in runs
     ]

@@ -46,6 +46,7 @@ from typing import Any, TypeVar
 import torch
 
 from bench.report import Cell, format_ratio, format_table, write_json
+from bench.timing import call_timer, synchronize
 from engine import CHATMED_TEMPLATE, EngineConfig, EngineCore, SamplingParams, Tokenizer
 from engine.demo import DEMO_ADAPTERS, DEMO_LORA_ALPHA, LORA_TARGET_MODULES, build_tokenizer, llama_config
 
@@ -331,11 +332,6 @@ def _write_adapter(
 
 
 # ---- copy bandwidth ------------------------------------------------------------------------------------
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_copy_bandwidth(device: torch.device, num_bytes: int, repeats: int = 20) -> float:
     """GB/s (1e9 bytes) of `dst.copy_(src)` on the device, counting the bytes read plus those written
     (2 x num_bytes per copy), as decode reads its weights: the fastest of `repeats` timed copies."""
@@ -689,26 +685,6 @@ class StepLog:
     contexts: list[float] = field(default_factory=list)  # mean context length at each decode step
 
 
-@contextmanager
-def forward_timer(core: EngineCore) -> Iterator[list[float]]:
-    """While open, each `core.runner.run` call's seconds are appended to the list it yields, measured to
-    the device's completion of the work (a synchronize the sampler would have waited for anyway)."""
-    run, times = core.runner.run, []
-
-    def timed(*args: Any) -> torch.Tensor:
-        began = time.perf_counter()
-        logits = run(*args)
-        synchronize(core.device)
-        times.append(time.perf_counter() - began)
-        return logits
-
-    core.runner.run = timed  # type: ignore[method-assign]
-    try:
-        yield times
-    finally:
-        del core.runner.run  # the instance attribute goes; the method shows through again
-
-
 def run_engine(
     core: EngineCore,
     works: Sequence[Work],
@@ -722,8 +698,9 @@ def run_engine(
 
     A step is decode-only when every request still running had its first token before it (all were
     added at once) and no preemption happened during it. With `time_forward` the log also holds each
-    decode-only step's model part (forward_timer)."""
-    with forward_timer(core) if time_forward else nullcontext([]) as forward_s:
+    decode-only step's model part: `ModelRunner.run` timed to a device synchronize."""
+    timer = call_timer(core.runner, "run", partial(synchronize, core.device))
+    with timer if time_forward else nullcontext([]) as forward_s:
         return _run_engine(core, works, max_tokens, deadline, tag, forward_s)
 
 
