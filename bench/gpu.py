@@ -14,6 +14,8 @@ Phases, in order, each timed and printed to stderr:
                 tokens with transformers' (bf16 tolerance) before anything is timed
   5. decode     batch-1 decode step time (median, after warm-up) against the memory floor
   6. throughput output tokens/s with 64 and 256 requests at once, adapters mixed 50/50 and base alone
+  6b. profile    a few batch-1 base decode steps without CUDA graphs under torch.profiler: the kernels
+                (on a CPU run, the operators) that take the most time, per step
   7. transformers `generate` on the same card: batch 1 (base, + peft adapter), padded batch (base, and
                 peft's mixed-adapter batch), greedy, the same prompts and token counts
 Then one table on stdout, and --json PATH for the figures. A phase that would carry the run past
@@ -177,6 +179,7 @@ class BenchConfig(Preset):
     budget_s: float
     seed: int
     skip_hf: bool
+    profile_steps: int = 16  # 0: no profile
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -918,6 +921,54 @@ def engine_rows(
     return rows
 
 
+# ---- where a decode step's time goes -------------------------------------------------------------------
+@dataclass(frozen=True)
+class OpTime:
+    """One kernel (or, on a CPU run, one operator) of the profiled decode steps."""
+
+    name: str
+    calls_per_step: float
+    ms_per_step: float  # self time on the device (on a CPU run, on the CPU)
+
+
+def profile_decode(core: EngineCore, prompt: list[int], steps: int, top: int = 15) -> list[OpTime]:
+    """`steps` batch-1 decode steps on the base under torch.profiler, CUDA graphs off so that each kernel
+    shows (a graph replays the same kernels without the launch gaps). The `top` largest by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = core.device.type == "cuda"
+    activities = [ProfilerActivity.CPU, ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
+    params = SamplingParams(max_tokens=steps + 1, temperature=0.0, ignore_eos=True)
+    graphs, core.runner.graphs = core.runner.graphs, None
+    try:
+        core.add_request("profile", prompt, params)
+        for _ in range(len(prompt) + 1):  # the prefill (chunks included), not profiled
+            if any(out.num_output_tokens for out in core.step()):
+                break
+        with profile(activities=activities) as prof:
+            for _ in range(steps):
+                core.step()
+            synchronize(core.device)
+    finally:
+        core.abort("profile")
+        core.runner.graphs = graphs
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:top]
+    return [
+        OpTime(e.key, e.count / steps, getattr(e, key) / 1e3 / steps) for e in events if getattr(e, key) > 0
+    ]
+
+
+def _profile_or_none(core: EngineCore, prompt: list[int], steps: int) -> list[OpTime]:
+    """profile_decode, or nothing when the profiler fails (no CUPTI, say): a diagnostic must not cost the
+    run the figures that come after it."""
+    try:
+        return profile_decode(core, prompt, steps)
+    except Exception as e:
+        _progress(f"decode profile failed ({type(e).__name__}: {e}); the run goes on without it")
+        return []
+
+
 # ---- transformers timed runs ----------------------------------------------------------------------------
 def hf_row(
     hf: HFModel, works: Sequence[Work], setup: str, max_tokens: int, floor: Floor, deadline: float
@@ -977,6 +1028,7 @@ class BenchResult:
     engine_path: str = "not run"
     guard: GuardResult | None = None
     rows: list[Row] = field(default_factory=list)
+    decode_profile: list[OpTime] = field(default_factory=list)
     phases: list[PhaseRecord] = field(default_factory=list)
     total_s: float = 0.0
 
@@ -1018,6 +1070,9 @@ def run_benchmark(cfg: BenchConfig) -> BenchResult:
             )
             _progress(f"guard: {_guard_line(result.guard)}")
         result.rows += engine_rows(core, cfg, prompts, floor, budget, reserve_s)
+        if cfg.profile_steps > 0:
+            ops = budget.run("decode profile", partial(_profile_or_none, core, prompts[0], cfg.profile_steps))
+            result.decode_profile = ops or []
         result.num_preemptions = core.stats().num_preemptions
         result.engine_path = engine_path(core)
         del core
@@ -1094,6 +1149,11 @@ def render(result: BenchResult) -> str:
         *NOTES,
     ]
     lines += [f"mixed / base at {c}: {format_ratio(r)}" for c, r in mixed_over_base(result.rows).items()]
+    if result.decode_profile:
+        where = "device" if cfg.device.startswith("cuda") else "CPU"
+        lines += ["", f"batch-1 base decode step without CUDA graphs, by self {where} time (torch.profiler):"]
+        rows = [[op.name[:70], op.calls_per_step, op.ms_per_step] for op in result.decode_profile]
+        lines.append(format_table(("kernel or operator", "calls/step", "ms/step"), rows, digits=3))
     lines += [f"skipped: {p.name} ({p.skipped})" for p in result.phases if p.skipped]
     lines.append(f"total {result.total_s:.1f} s (budget {cfg.budget_s:.0f} s)")
     return "\n".join(lines)
@@ -1182,6 +1242,7 @@ def payload(result: BenchResult) -> dict[str, Any]:
         "guard": asdict(result.guard) if result.guard is not None else None,
         "rows": rows,
         "mixed_over_base": {str(b): r for b, r in mixed_over_base(result.rows).items()},
+        "decode_profile": [asdict(op) for op in result.decode_profile],
         "phases": [asdict(p) for p in result.phases],
         "total_s": result.total_s,
     }
@@ -1207,6 +1268,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     parser.add_argument("--budget-s", type=float, default=330.0, help="skip phases that would pass this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-transformers", action="store_true", help="no guard, no transformers rows")
+    parser.add_argument("--profile-steps", type=int, default=16, help="decode steps profiled (0: none)")
     parser.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
     args = parser.parse_args(argv)
     preset = get_preset(args.preset)
@@ -1243,6 +1305,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         budget_s=args.budget_s,
         seed=args.seed,
         skip_hf=args.skip_transformers,
+        profile_steps=max(0, args.profile_steps),
     )
 
 

@@ -109,6 +109,11 @@ def test_cpu_run_reports_every_figure(cpu_run: CpuRun) -> None:
     batch_4 = _row(result, "chatmed engine", "base", 4)["floor_ms"]
     assert rows[0]["floor_ms"] < batch_4 < 2 * rows[0]["floor_ms"]
     assert set(result["mixed_over_base"]) == {str(c) for c in preset.concurrency}
+    # The profiled decode steps: the model's matmuls among the operators that take the time.
+    profile = result["decode_profile"]
+    assert profile and all(op["ms_per_step"] > 0 and op["calls_per_step"] > 0 for op in profile)
+    assert any("mm" in op["name"] or "linear" in op["name"] for op in profile)
+    assert "by self CPU time" in proc.stdout
     assert "vs transformers" in proc.stdout and "chatmed engine" in proc.stdout
 
 
