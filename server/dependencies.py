@@ -1,4 +1,5 @@
-"""Typed FastAPI dependencies: the server's shared state and the API-key check."""
+"""Typed FastAPI dependencies: the server's shared state and the API-key check. They are `async def`:
+FastAPI would run a plain `def` in a worker thread, a thread hop per request for a few attribute reads."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class ServerState:
     registry: ModelRegistry
 
 
-def get_state(request: Request) -> ServerState:
+async def get_state(request: Request) -> ServerState:
     state = request.app.state.chatmed
     assert isinstance(state, ServerState)
     return state
@@ -32,7 +33,7 @@ def get_state(request: Request) -> ServerState:
 StateDep = Annotated[ServerState, Depends(get_state)]
 
 
-def require_api_key(request: Request, state: StateDep) -> None:
+async def require_api_key(request: Request, state: StateDep) -> None:
     """With --api-key set, every guarded route needs `Authorization: Bearer <key>` (compared in
     constant time, so the time taken does not tell how much of a guess was right)."""
     if state.settings.api_key is None:

@@ -119,13 +119,13 @@ class AdapterAdmin:
         logger.info("adapter %s unloaded", name)
 
 
-def get_admin(request: Request) -> AdapterAdmin:
+async def get_admin(request: Request) -> AdapterAdmin:
     admin = request.app.state.adapter_admin
     assert isinstance(admin, AdapterAdmin)
     return admin
 
 
-def require_admin_key(request: Request, state: StateDep) -> None:
+async def require_admin_key(request: Request, state: StateDep) -> None:
     """`Authorization: Bearer <admin key>`, compared in constant time. The ordinary --api-key does not
     open these routes."""
     key = state.settings.admin_api_key

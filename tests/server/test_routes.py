@@ -6,6 +6,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import fastapi.dependencies.utils
+import fastapi.routing
 import httpx2
 import openai
 import pytest
@@ -203,3 +205,29 @@ async def test_a_broken_chat_template_stops_the_start(engine: AsyncEngine, tmp_p
     template.write_text("{% if %}", encoding="utf-8")
     with pytest.raises(ValueError):
         make_app(engine, chat_template=template)
+
+
+async def test_no_request_hops_to_a_worker_thread(
+    engine: AsyncEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # FastAPI runs a plain `def` dependency or endpoint in its thread pool: a thread hop per request.
+    hops: list[str] = []
+
+    async def record(func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return func(*args, **kwargs)
+
+    monkeypatch.setattr(fastapi.dependencies.utils, "run_in_threadpool", record)
+    monkeypatch.setattr(fastapi.routing, "run_in_threadpool", record)
+    app = make_app(engine, api_key="key", admin_api_key="admin-key", adapters_root=tmp_path)
+    user, admin = {"Authorization": "Bearer key"}, {"Authorization": "Bearer admin-key"}
+    chat = {"model": TCM, "messages": [{"role": "user", "content": "头痛"}], "max_tokens": 2}
+    async with asgi_client(app) as client:
+        assert (await client.get("/health")).status_code == 200
+        assert (await client.get("/v1/models", headers=user)).status_code == 200
+        assert (await client.get("/v1/models", headers={"Authorization": "Bearer wrong"})).status_code == 401
+        assert (await client.post("/v1/chat/completions", json=chat, headers=user)).status_code == 200
+        body = {"lora_name": "nowhere", "lora_path": "missing"}
+        response = await client.post("/v1/load_lora_adapter", json=body, headers=admin)
+        assert response.status_code in (400, 404)
+    assert hops == []
