@@ -315,10 +315,9 @@ def _first_tier(
     the probe keeps the prefix it would keep among `width`. With every row decided there, the candidates
     are the probe's alone."""
     vocab_size = logits.shape[-1]
+    # Every row goes through the probe, whatever the others need: which candidates a row is decided among
+    # (and so the order of tied logits it draws over) then depends on the row alone.
     probe = min(PROBE_CANDIDATES, width)
-    # A row with top_k above the probe cannot be decided in it; skip the probe when no active row could.
-    if probe < width and not bool((active & (top_k <= probe)).any()):
-        probe = width
     candidates, ids = logits.topk(probe, dim=-1)  # [rows, probe], descending
     cand_probs = probs.gather(1, ids).double()
     keep, decided = _candidate_keep(candidates, cand_probs, top_k, top_p, vocab_size)
