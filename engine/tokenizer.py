@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.errors import InvalidRequest
 
@@ -95,11 +95,7 @@ class Tokenizer:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"tokenizer folder not found: {path}")
         self._tok: Any = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        # A Rust-backed tokenizer is decoded through its backend directly: transformers' decode() calls
-        # the same method (it cleans up nothing here) after converting its arguments, which costs more
-        # than the decode of the few ids the streaming detokenizer passes, twice per token.
-        backend = getattr(self._tok, "backend_tokenizer", None)
-        self._backend: Any = backend if callable(getattr(backend, "decode", None)) else None
+        self._backend: Any = _plain_backend(self._tok)
         eos = self._tok.eos_token_id
         if eos is None:
             raise ValueError(f"the tokenizer in {path} has no EOS token")
@@ -199,6 +195,21 @@ class Tokenizer:
             # decode() drops the leading space of a sequence's first token; shown alone, keep it.
             return piece.replace(_METASPACE, " ")
         return self.decode([token_id])
+
+
+def _plain_backend(tok: Any) -> Any:
+    """The Rust tokenizer behind a fast tokenizer whose class decodes the standard way, else None.
+
+    decode() of such a tokenizer converts its arguments and calls the backend's decode (no clean-up is
+    asked for here); the conversion costs more than decoding the few ids the streaming detokenizer
+    passes, twice per token. A class that changes decoding keeps going through transformers."""
+    cls = type(tok)
+    standard = (
+        isinstance(tok, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerFast.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+    )
+    return tok.backend_tokenizer if standard else None
 
 
 def _check_message(message: Mapping[str, str]) -> dict[str, str]:

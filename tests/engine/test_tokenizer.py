@@ -11,11 +11,18 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from engine.demo import DemoModel
 from engine.errors import InvalidRequest
-from engine.tokenizer import CHATMED_TEMPLATE, PLAIN_TEMPLATE, IncrementalDetokenizer, StopChecker, Tokenizer
+from engine.tokenizer import (
+    CHATMED_TEMPLATE,
+    PLAIN_TEMPLATE,
+    IncrementalDetokenizer,
+    StopChecker,
+    Tokenizer,
+    _plain_backend,
+)
 
 REPLACEMENT = "\ufffd"
 PROPERTY = settings(max_examples=100, deadline=None)
@@ -85,6 +92,15 @@ def test_decode_equals_transformers_decode(tok: Tokenizer, hf: Any, data: st.Dat
     expected = hf.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     assert tok._backend is not None
     assert tok.decode(ids) == expected
+
+
+def test_a_tokenizer_class_that_decodes_its_own_way_keeps_its_decode(demo: DemoModel) -> None:
+    class Shouting(PreTrainedTokenizerFast):
+        def _decode(self, token_ids: Any, **kwargs: Any) -> str:
+            return str(super()._decode(token_ids, **kwargs)).upper()
+
+    assert _plain_backend(Shouting.from_pretrained(demo.base_path)) is None
+    assert _plain_backend(AutoTokenizer.from_pretrained(demo.base_path)) is not None
 
 
 def test_alphabet_reaches_byte_fallback(tok: Tokenizer, byte_id: dict[int, int]) -> None:
