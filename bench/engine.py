@@ -166,8 +166,8 @@ def run_baseline(
     output_tokens = 0
     start = time.perf_counter()
     for work in workloads:
-        began = time.perf_counter()
         options = decoding.options(max_tokens, work.seed)
+        began = time.perf_counter()
         output_tokens += len(generator.generate(work.prompt_ids, work.adapter, options))
         latencies.append(time.perf_counter() - began)
     duration = time.perf_counter() - start

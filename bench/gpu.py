@@ -702,8 +702,8 @@ def run_engine(
     A step is decode-only when every request still running had its first token before it (all were
     added at once) and no preemption happened during it. With `time_forward` the log also holds each
     decode-only step's model part: `ModelRunner.run` timed to a device synchronize."""
-    timer = call_timer(core.runner, "run", partial(synchronize, core.device))
-    with timer if time_forward else nullcontext([]) as forward_s:
+    sync = partial(synchronize, core.device)
+    with call_timer(core.runner, "run", sync) if time_forward else nullcontext([]) as forward_s:
         return _run_engine(core, works, max_tokens, deadline, tag, forward_s)
 
 
