@@ -31,6 +31,7 @@ from engine.types import SamplingParams
 
 # Temperatures below this are treated as greedy: dividing by them overflows float32 logits (as in vLLM).
 _MIN_TEMPERATURE = 1e-5
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 _SEED_MODULUS = 2**64  # torch.Generator.manual_seed accepts [0, 2**64); OpenAI seeds may be negative
 # Top logits examined per row, tier after tier, before one full sort of the row. Nuclei at the usual
 # top_p and temperature settings fit the first tier; topk(128) of a 32k row costs ~5% of a sort on a
@@ -160,6 +161,10 @@ class Sampler:
         top_k = [p.top_k for p in sampled_params]
         top_p = [p.top_p for p in sampled_params]
         scaled = logits / torch.tensor(temperature, dtype=torch.float32, device=self.device).unsqueeze(1)
+        # A tiny repetition penalty or temperature can push logits past float32's range, and softmax over
+        # +inf gives NaN: +inf becomes the largest float (those ids share the mass), NaN becomes -inf
+        # (never drawn), and -inf stays (suppressed ids).
+        scaled = scaled.nan_to_num(nan=float("-inf"), posinf=_FLOAT32_MAX, neginf=float("-inf"))
         probs = scaled.softmax(dim=-1)  # [rows, vocab]
         generators = [None if g else row.generator for row, g in zip(rows, greedy, strict=True)]
         uniforms = self._uniforms(generators)
@@ -465,7 +470,9 @@ def _cutoffs_by_sort(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Ten
 def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """Draw one id per row of probs [rows, n] by inverting its CDF at uniforms [rows] in [0, 1].
 
-    Rows need not be normalised. A zero-probability id is never returned. Returns [rows] int64.
+    Rows need not be normalised. A zero-probability id is never returned, except from a row without
+    any mass (all zero or NaN, which only a broken model gives): that row gets its last id rather than
+    one past the end. Returns [rows] int64.
     """
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)  # float64 so that tail ids keep their width
     total = cdf[:, -1:]
@@ -474,7 +481,7 @@ def sample_from_probs(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tens
     below_total = total.nextafter(torch.zeros_like(total))
     target = torch.minimum(uniforms.to(torch.float64).unsqueeze(1) * total, below_total)  # [rows, 1]
     # The first id whose CDF exceeds the target: cdf[i - 1] <= target < cdf[i], so probs[i] > 0.
-    return torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:

@@ -469,6 +469,29 @@ def test_min_tokens_suppresses_eos_and_stop_token_ids(sampler: Sampler) -> None:
     assert sampler.sample(logits, [done]).token_ids == [EOS]
 
 
+# --- extreme settings -----------------------------------------------------------------------------------
+
+
+def test_a_vanishing_repetition_penalty_draws_among_the_repeated_positive_ids(sampler: Sampler) -> None:
+    """penalty 5e-324 is 0 in float32: a repeated id with a positive logit gets +inf. Those ids share the
+    draw (no NaN, no id past the vocabulary), whatever the truncation."""
+    logits = _random_logits(1, 7).abs()  # every logit positive
+    repeated = [3, 9, 40]
+    for settings in [
+        {"temperature": 0.7, "repetition_penalty": 5e-324},
+        {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1e-40},
+        {"temperature": 1.0, "top_k": 5, "repetition_penalty": 5e-324},
+    ]:
+        rows = [_row(SamplingParams(seed=seed, **settings), prompt_ids=repeated) for seed in range(64)]
+        drawn = set(sampler.sample(logits.expand(len(rows), VOCAB), rows).token_ids)
+        assert drawn <= set(repeated) and len(drawn) > 1
+
+
+def test_a_row_without_mass_still_gets_an_id_in_the_vocabulary() -> None:
+    probs = torch.tensor([[0.0, 0.0, 0.0], [float("nan")] * 3, [0.0, 1.0, 0.0]])
+    assert sample_from_probs(probs, torch.tensor([0.5, 0.5, 0.5])).tolist() == [2, 2, 1]
+
+
 # --- logprobs -----------------------------------------------------------------------------------------
 
 

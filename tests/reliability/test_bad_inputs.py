@@ -193,6 +193,31 @@ async def test_every_bad_input_gets_its_status_and_an_openai_body(
     assert num_5xx == 0
 
 
+# Valid but extreme settings: each passes validation, and some push logits past float32 (a penalty of
+# 5e-324 is 0 in float32, so a repeated id's logit becomes +inf). Each must be served.
+EXTREME_SETTINGS: list[dict[str, Any]] = [
+    {"repetition_penalty": 5e-324, "temperature": 0.7},
+    {"repetition_penalty": 5e-324, "temperature": 0.7, "top_p": 0.9},
+    {"repetition_penalty": 1e-40, "temperature": 1.0, "top_k": 3},
+    {"repetition_penalty": 5e-324, "temperature": 0},
+    {"repetition_penalty": 10, "temperature": 0.7},
+    {"temperature": 1.2e-5, "top_p": 5e-324},
+    {"temperature": 2, "top_p": 1e-300, "frequency_penalty": 2, "presence_penalty": -2},
+]
+
+
+@pytest.mark.parametrize(
+    "settings", EXTREME_SETTINGS, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items())
+)
+async def test_extreme_valid_settings_are_served(
+    client: httpx2.AsyncClient, engine: AsyncEngine, settings: dict[str, Any]
+) -> None:
+    response = await client.post(CHAT, json=chat(model=CONSULT, max_tokens=6, seed=3, **settings))
+    assert response.status_code == 200, response.text[:300]
+    assert response.json()["usage"]["completion_tokens"] == 6
+    assert not engine.is_dead
+
+
 async def test_a_long_completion_prompt_with_max_tokens_names_prompt(client: httpx2.AsyncClient) -> None:
     response = await client.post(COMPLETIONS, json=completion(prompt=[5] * (MAX_MODEL_LEN + 10)))
     assert response.status_code == 400
