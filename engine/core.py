@@ -18,6 +18,7 @@ from engine.errors import InvalidRequest, PromptTooLong, QueueFull, UnknownAdapt
 from engine.kv_cache import BlockAllocator, KVCache, KVCacheShape
 from engine.lora import LoraAdapter, LoraSlots, read_adapter
 from engine.model.llama import LlamaArgs, load_llama
+from engine.model.lora_cpu import load_kernel
 from engine.model_runner import ModelRunner
 from engine.sampler import Sampler, SamplingRow
 from engine.scheduler import ScheduledSeq, Scheduler, Sequence
@@ -66,7 +67,8 @@ class EngineCore:
         shape = KVCacheShape(a.num_layers, a.num_kv_heads, a.head_dim, config.block_size)
         num_blocks = config.num_kv_blocks or shape.blocks_for_budget(config.kv_cache_bytes, self.dtype)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        self.loras = LoraSlots(config.max_loras, config.max_cpu_loras, self.device, self.dtype)
+        kernel = load_kernel() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        self.loras = LoraSlots(config.max_loras, config.max_cpu_loras, self.device, self.dtype, kernel)
         self.scheduler = Scheduler(
             self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.loras.can_join
         )

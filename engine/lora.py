@@ -2,7 +2,8 @@
 
 An adapter is stored per layer and per fused projection as (A [r, in], B^T [r, out]) with the PEFT scaling
 folded into B, so a projection's delta for a token is (x A^T) B^T. For the fused q/k/v and gate/up
-projections the A's are stacked and B is block-diagonal, so one pair of matmuls covers all parts.
+projections the A's are stacked and B is block-diagonal, so one pair of matmuls covers all parts; the
+blocks are recorded too, for the CPU kernel (engine/model/lora_cpu.py), which skips the zeros.
 Reading and preparing an adapter (read_adapter) is pure and may run on any thread; LoraSlots is owned by
 the engine thread.
 """
@@ -22,11 +23,13 @@ import torch
 
 from engine.errors import AdapterError
 from engine.model.llama import FUSED, LORA_TARGETS, LlamaArgs, LoraSegment, SegmentLora
+from engine.model.lora_cpu import Block, LoraKernel, PackedAdapter
 
 logger = logging.getLogger(__name__)
 
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.lora_([AB])(?:\.[\w-]+)?\.weight$")
 LayerWeights = list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+LayerBlocks = list[dict[str, tuple[Block, ...]]]
 # An adapter that trains these carries its own vocabulary rows (a resized vocab, modules_to_save,
 # trainable tokens): its base is no longer ours.
 _VOCAB_MODULES = ("embed_tokens", "lm_head")
@@ -45,13 +48,28 @@ class LoraAdapter:
     rank: int
     target_modules: tuple[str, ...]
     weights: LayerWeights
+    blocks: LayerBlocks  # per layer and fused projection: B^T's non-zero blocks (r0, r1, c0, c1)
+    # The CPU kernel's copy of the weights (LoraSlots makes it for resident adapters when the kernel runs).
+    packed: PackedAdapter | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
         moved = [
             {k: (a.to(device, dtype), b.to(device, dtype)) for k, (a, b) in layer.items()}
             for layer in self.weights
         ]
-        return LoraAdapter(self.name, self.path, self.rank, self.target_modules, moved)
+        return LoraAdapter(self.name, self.path, self.rank, self.target_modules, moved, self.blocks)
+
+    def pack(self) -> LoraAdapter:
+        """This adapter with the CPU kernel's copy of its weights, sites numbered as SegmentLora does."""
+        sites = [
+            (*layer[fused], blocks[fused]) if fused in layer else None
+            for layer, blocks in zip(self.weights, self.blocks, strict=True)
+            for fused in FUSED
+        ]
+        packed = PackedAdapter(sites)
+        return LoraAdapter(
+            self.name, self.path, self.rank, self.target_modules, self.weights, self.blocks, packed
+        )
 
     @property
     def num_bytes(self) -> int:
@@ -75,18 +93,20 @@ def read_adapter(name: str, path: Path, args: LlamaArgs, max_rank: int, dtype: t
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
     pairs = _read_pairs(path, args)
     weights: LayerWeights = []
+    blocks: LayerBlocks = []
     for layer in range(args.num_layers):
-        fused_layer: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        weights.append({})
+        blocks.append({})
         for fused, parts in FUSED.items():
-            pair = _fuse(args, pairs, layer, parts, scaling, dtype)
-            if pair is not None:
-                fused_layer[fused] = pair
-        weights.append(fused_layer)
+            fused_weights = _fuse(args, pairs, layer, parts, scaling, dtype)
+            if fused_weights is not None:
+                a, b_t, blocks[-1][fused] = fused_weights
+                weights[-1][fused] = (a, b_t)
     targets = tuple(sorted({proj for (_, proj) in pairs}, key=LORA_TARGETS.index))
     ranks = {a.shape[0] for a, _ in pairs.values()}
     if max(ranks) > max_rank:
         raise AdapterError(f"adapter rank {max(ranks)} exceeds max_lora_rank {max_rank}")
-    return LoraAdapter(name, path, max(ranks), targets, weights)
+    return LoraAdapter(name, path, max(ranks), targets, weights, blocks)
 
 
 def _read_config(path: Path) -> dict[str, Any]:
@@ -176,8 +196,9 @@ def _fuse(
     parts: tuple[str, ...],
     scaling: float,
     dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Stack the parts' A's and build a block-diagonal B (rows of parts without LoRA stay zero)."""
+) -> tuple[torch.Tensor, torch.Tensor, tuple[Block, ...]] | None:
+    """Stack the parts' A's and build a block-diagonal B (rows of parts without LoRA stay zero).
+    Returns (A, B^T, the blocks of B^T that are not zero)."""
     present = [(p, pairs[(layer, p)]) for p in parts if (layer, p) in pairs]
     if not present:
         return None
@@ -187,10 +208,13 @@ def _fuse(
     b_diag = torch.zeros(out, rank)
     row = {p: sum(args.out_features(q) for q in parts[: parts.index(p)]) for p in parts}
     col = 0
+    blocks = []
     for p, (a, b) in present:
         b_diag[row[p] : row[p] + b.shape[0], col : col + a.shape[0]] = b.float() * scaling
+        blocks.append((col, col + a.shape[0], row[p], row[p] + b.shape[0]))
         col += a.shape[0]
-    return a_cat, b_diag.t().contiguous().to(dtype)  # B stored transposed: [r, out], rows contiguous
+    # B stored transposed: [r, out], rows contiguous
+    return a_cat, b_diag.t().contiguous().to(dtype), tuple(blocks)
 
 
 class LoraSlots:
@@ -201,11 +225,19 @@ class LoraSlots:
     - `resident`: adapters on the device, at most max_loras, never evicting one the running batch uses.
     Engine thread only."""
 
-    def __init__(self, max_loras: int, max_cpu_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        max_loras: int,
+        max_cpu_loras: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kernel: LoraKernel | None = None,
+    ) -> None:
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self.device = device
         self.dtype = dtype
+        self.kernel = kernel  # the CPU kernel: resident adapters also keep its copy of their weights
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.resident: OrderedDict[str, LoraAdapter] = OrderedDict()
@@ -248,11 +280,15 @@ class LoraSlots:
     def segments(self, spans: list[tuple[str | None, int, int]]) -> SegmentLora:
         """Per-step LoRA segments for token spans [(adapter, start, end)], making each adapter resident."""
         active = {name for name, _, _ in spans if name is not None}
-        out = []
+        out, packed = [], []
         for name, start, end in spans:
             if name is not None:
-                out.append(LoraSegment(start, end, self.resident_adapter(name, active).weights))
-        return SegmentLora(out)
+                adapter = self.resident_adapter(name, active)
+                out.append(LoraSegment(start, end, adapter.weights))
+                if adapter.packed is not None:
+                    packed.append((start, end, adapter.packed))
+        plan = self.kernel.plan(packed) if self.kernel is not None and len(packed) == len(out) else None
+        return SegmentLora(out, plan)
 
     def resident_adapter(self, name: str, active: set[str]) -> LoraAdapter:
         """`name` on the device; with the slots full, the least recently used one not in `active` goes."""
@@ -265,6 +301,8 @@ class LoraSlots:
             self._drop_resident(victim)
             logger.debug("adapter %s evicted from the device", victim)
         adapter = self.host[name].to(self.device, self.dtype)  # no copy when already there
+        if self.kernel is not None:
+            adapter = adapter.pack()
         self.resident[name] = adapter
         self.version += 1
         return adapter

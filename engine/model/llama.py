@@ -18,6 +18,7 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model.attention import AttentionBatch, paged_attention
+from engine.model.lora_cpu import LoraKernel, StepPlan
 from engine.model.ops import TorchOps, ops_for
 
 logger = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ FUSED = {
     "gate_up": ("gate_proj", "up_proj"),
     "down": ("down_proj",),
 }
+_FUSED_INDEX = {fused: i for i, fused in enumerate(FUSED)}
 
 
 @dataclass(frozen=True)
@@ -122,12 +124,18 @@ class LoraBatch:
 
 
 class SegmentLora(LoraBatch):
-    """Tokens grouped by adapter into contiguous segments: one pair of matmuls on each segment's rows."""
+    """Tokens grouped by adapter into contiguous segments. With `plan` (the CPU kernel, every segment's
+    adapter packed), one kernel call per projection covers all segments; else one pair of matmuls per
+    segment."""
 
-    def __init__(self, segments: list[LoraSegment]) -> None:
+    def __init__(self, segments: list[LoraSegment], plan: StepPlan | None = None) -> None:
         self.segments = segments
+        self.plan = plan
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
+        if self.plan is not None and LoraKernel.accepts(x, y):
+            self.plan.add(y, x, layer * len(FUSED) + _FUSED_INDEX[fused])
+            return
         for seg in self.segments:
             pair = seg.weights[layer].get(fused)
             if pair is not None:

@@ -1,0 +1,221 @@
+"""The CPU LoRA kernel (engine/model/lora_cpu.c) against float64 matmuls, its row-by-row determinism, its
+use by the engine, and the torch fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.core import EngineCore
+from engine.demo import DemoModel
+from engine.model import lora_cpu
+from engine.model.llama import LoraSegment, SegmentLora
+from engine.model.lora_cpu import Block, LoraKernel, PackedAdapter, load_kernel
+from engine.scheduler import ScheduledSeq, Sequence
+from tests.conftest import engine_config
+
+Site = tuple[torch.Tensor, torch.Tensor, tuple[Block, ...]]
+
+
+@pytest.fixture(scope="module")
+def kernel() -> LoraKernel:
+    if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+        pytest.skip("no C compiler: the engine uses torch matmuls (tested below)")
+    found = load_kernel()
+    assert found is not None, "a C compiler is here, so the kernel must build"
+    return found
+
+
+@pytest.fixture
+def threads() -> Iterator[None]:
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def _site(gen: torch.Generator, in_dim: int, parts: list[tuple[int, int]], gap: int = 0) -> Site:
+    """A fused projection's (A, B^T, blocks): `parts` = [(rank, out columns)], with `gap` columns of no
+    part (a projection the adapter does not train) before the last part."""
+    rank = sum(r for r, _ in parts)
+    out = sum(c for _, c in parts) + gap
+    a = torch.randn(rank, in_dim, generator=gen)
+    b_t = torch.zeros(rank, out)
+    blocks, row, col = [], 0, 0
+    for i, (r, c) in enumerate(parts):
+        if i == len(parts) - 1:
+            col += gap
+        b_t[row : row + r, col : col + c] = torch.randn(r, c, generator=gen)
+        blocks.append((row, row + r, col, col + c))
+        row, col = row + r, col + c
+    return a, b_t, tuple(blocks)
+
+
+def _reference(y: torch.Tensor, x: torch.Tensor, site: Site) -> torch.Tensor:
+    a, b_t, _ = site
+    return (y.double() + x.double() @ a.double().t() @ b_t.double()).float()
+
+
+SHAPES = {
+    "qkv-like, three blocks": (512, [(8, 512), (8, 256), (8, 256)], 0),
+    "odd sizes, partial tiles": (100, [(3, 40), (5, 24)], 0),
+    "one block, long input (several chunks)": (1100, [(16, 37)], 0),
+    "a part left out": (64, [(4, 48), (4, 16)], 32),
+}
+
+
+@pytest.mark.parametrize("rows", [1, 5, 8, 13, 32, 40, 70])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_kernel_matches_float64_matmuls(kernel: LoraKernel, rows: int, shape: tuple) -> None:
+    in_dim, parts, gap = shape
+    gen = torch.Generator().manual_seed(rows)
+    site = _site(gen, in_dim, parts, gap)
+    out = site[1].shape[1]
+    # x and y are column slices of wider tensors (row strides that are not the width), and the segment
+    # starts at row 2: rows and columns outside it must stay as they are.
+    x_full = torch.randn(rows + 4, in_dim + 7, generator=gen)
+    y_full = torch.randn(rows + 4, out + 5, generator=gen)
+    x, y = x_full[:, :in_dim], y_full[:, :out]
+    expected = y_full.clone()
+    expected[2 : rows + 2, :out] = _reference(y[2 : rows + 2], x[2 : rows + 2], site)
+    plan = kernel.plan([(2, rows + 2, PackedAdapter([site]))])
+    plan.add(y, x, 0)
+    torch.testing.assert_close(y_full, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_rows_result_depends_on_nothing_else(kernel: LoraKernel, threads: None) -> None:
+    """A row gets the same bits alone, among 8 rows, among 40 (where threads split the rows instead of the
+    weights), and on one thread or two."""
+    gen = torch.Generator().manual_seed(0)
+    site = _site(gen, 1100, [(16, 96), (16, 80)])
+    packed = PackedAdapter([site])
+    x = torch.randn(40, 1100, generator=gen)
+    y0 = torch.randn(40, 176, generator=gen)
+    results = []
+    for num_threads in (1, 2):
+        torch.set_num_threads(num_threads)
+        for start, end in [(5, 6), (0, 8), (0, 40)]:
+            y = y0.clone()
+            kernel.plan([(start, end, packed)]).add(y, x, 0)
+            results.append(y[5])
+    for other in results[1:]:
+        assert torch.equal(other, results[0])
+
+
+def test_each_segment_gets_its_own_adapter_and_others_rows_stay(kernel: LoraKernel) -> None:
+    gen = torch.Generator().manual_seed(1)
+    first, second = _site(gen, 64, [(4, 32)]), _site(gen, 64, [(8, 32)])
+    x, y = torch.randn(10, 64, generator=gen), torch.randn(10, 32, generator=gen)
+    expected = y.clone()
+    expected[0:3] = _reference(y[0:3], x[0:3], first)
+    expected[5:9] = _reference(y[5:9], x[5:9], second)
+    plan = kernel.plan([(0, 3, PackedAdapter([first])), (5, 9, PackedAdapter([second]))])
+    plan.add(y, x, 0)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_a_projection_without_lora_is_left_alone(kernel: LoraKernel) -> None:
+    gen = torch.Generator().manual_seed(2)
+    packed = PackedAdapter([None, _site(gen, 16, [(2, 16)])])
+    x, y = torch.randn(4, 16, generator=gen), torch.randn(4, 16, generator=gen)
+    before = y.clone()
+    kernel.plan([(0, 4, packed)]).add(y, x, 0)
+    assert torch.equal(y, before)
+
+
+def _step_logits(core: EngineCore, lora_by: str) -> torch.Tensor:
+    """Logits of every row of one prefill step over three sequences (base, consult, tcm), the adapters
+    added by the kernel, by torch matmuls, or not at all ("kernel", "torch", "none")."""
+    seqs = [
+        Sequence("a", list(range(3, 40)), 37, None),
+        Sequence("b", list(range(5, 30)), 25, "chatmed-consult"),
+        Sequence("c", list(range(7, 20)), 13, "chatmed-tcm"),
+    ]
+    items = [ScheduledSeq(seqs[0], 0, 37), ScheduledSeq(seqs[1], 0, 25), ScheduledSeq(seqs[2], 0, 13)]
+    for item in items:
+        item.seq.block_table.extend(
+            core.allocator.allocate(core.allocator.blocks_needed(item.num_new_tokens, 0))
+        )
+    runner = core.runner
+    inputs = runner.prepare(items)
+    lora = core.loras.segments(inputs.spans)
+    assert isinstance(lora, SegmentLora)
+    assert lora.plan is not None
+    if lora_by == "torch":
+        lora.plan = None
+    elif lora_by == "none":
+        lora = SegmentLora([])
+    with torch.inference_mode():
+        hidden = runner.model(inputs.input_ids, inputs.positions, runner.kv, inputs.attention, lora)
+        logits = runner.model.compute_logits(hidden)
+    for seq in seqs:
+        core.allocator.free(seq.block_table)
+    return logits
+
+
+def test_engine_adds_deltas_with_the_kernel_as_torch_does(kernel: LoraKernel, demo: DemoModel) -> None:
+    core = EngineCore(engine_config(demo))
+    assert core.loras.kernel is not None
+    ours, torch_path, bare = (_step_logits(core, how) for how in ("kernel", "torch", "none"))
+    torch.testing.assert_close(ours, torch_path, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ours[:37], bare[:37])  # the base rows: no adapter
+    for start, end in [(37, 62), (62, 75)]:  # each adapter's rows: its delta
+        assert (ours[start:end] - bare[start:end]).abs().max() > 1e-3
+
+
+def test_columns_that_are_not_contiguous_take_the_torch_path(kernel: LoraKernel) -> None:
+    gen = torch.Generator().manual_seed(3)
+    a, b_t, blocks = _site(gen, 16, [(4, 8)])
+    x = torch.randn(16, 6, generator=gen).t()  # [6, 16], column stride 6
+    y = torch.randn(6, 8, generator=gen)
+    assert not LoraKernel.accepts(x, y)
+    expected = _reference(y, x, (a, b_t, blocks))
+    # The plan's own weights are empty: had the kernel run, y would be unchanged.
+    plan = kernel.plan([(0, 6, PackedAdapter([None] * 4))])
+    lora = SegmentLora([LoraSegment(0, 6, [{"o": (a, b_t)}])], plan)
+    lora.add_delta(y, x, 0, "o")
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.fixture
+def fresh_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """load_kernel() without its process-wide cache, building into an empty folder."""
+    monkeypatch.setenv("CHATMED_CACHE_DIR", str(tmp_path))
+    load_kernel.cache_clear()
+    yield
+    load_kernel.cache_clear()
+
+
+def test_disabled_by_the_environment(
+    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch, demo: DemoModel
+) -> None:
+    monkeypatch.setenv(lora_cpu.DISABLE_ENV, "1")
+    assert load_kernel() is None
+    core = EngineCore(engine_config(demo))
+    assert core.loras.kernel is None
+    lora = core.loras.segments([("chatmed-tcm", 0, 4)])
+    assert isinstance(lora, SegmentLora) and lora.plan is None
+
+
+def test_a_compiler_that_fails_leaves_the_torch_path(
+    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CC", "false")
+    with caplog.at_level(logging.WARNING, logger=lora_cpu.__name__):
+        assert load_kernel() is None
+    assert "torch matmuls" in caplog.text
+
+
+def test_the_build_is_cached_by_source_and_host(
+    fresh_kernel: None, kernel: LoraKernel, tmp_path: Path
+) -> None:
+    built = load_kernel()
+    assert built is not None and built.library.parent == tmp_path / "kernels"
+    load_kernel.cache_clear()
+    again = load_kernel()
+    assert again is not None and again.library == built.library
+    assert [p.name for p in (tmp_path / "kernels").iterdir()] == [built.library.name]  # no temporary left
