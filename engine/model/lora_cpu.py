@@ -50,7 +50,6 @@ class _Weights(ctypes.Structure):
         ("in_dim", ctypes.c_int64),
         ("rank_pad", ctypes.c_int64),
         ("num_blocks", ctypes.c_int64),
-        ("num_tiles", ctypes.c_int64),
         ("at", ctypes.c_void_p),
         ("bt", ctypes.c_void_p),
         ("blocks", ctypes.c_void_p),
@@ -94,7 +93,6 @@ class PackedAdapter:
             packed.append(tiles.flatten())
             rows.append([r0, r1, c0, c1, offset])
             offset += tiles.numel()
-            entry.num_tiles += tiles.shape[0]
         bt = torch.cat(packed)
         table = torch.tensor(rows, dtype=torch.int64)
         entry.in_dim, entry.rank_pad, entry.num_blocks = a.shape[1], at.shape[0] * TILE, len(blocks)
@@ -114,7 +112,8 @@ class StepPlan:
 
     def add(self, y: torch.Tensor, x: torch.Tensor, site: int) -> None:
         """y[seg] += (x[seg] A^T) B^T for every segment, with its adapter's weights of `site`. x and y:
-        float32 CPU tensors [T, *] with contiguous columns (LoraKernel.accepts). Runs on torch's threads."""
+        float32 CPU tensors [T, *] with contiguous columns (LoraKernel.accepts). A segment of many rows
+        runs on torch's threads."""
         xs, ys = x.stride(0), y.stride(0)
         self._step(self._address, len(self._adapters), site, x.data_ptr(), xs, y.data_ptr(), ys, _threads())
 
