@@ -85,11 +85,12 @@ class EngineCore:
         for name, path in config.adapters:
             self.add_adapter(self.read_adapter(name, path))
         logger.info(
-            "engine ready: %d KV blocks of %d tokens, max_model_len %d, device %s",
+            "engine ready: %d KV blocks of %d tokens, max_model_len %d, device %s, LoRA by %s",
             num_blocks,
             config.block_size,
             self.max_model_len,
             self.device,
+            "the CPU kernel" if kernel is not None else "torch matmuls",
         )
 
     # ---- adapters -----------------------------------------------------------------------------------
