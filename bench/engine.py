@@ -34,7 +34,7 @@ from bench.report import Cell, format_ratio, format_table, load_note, write_json
 from bench.stats import mean, ratio
 from bench.timing import call_timer, synchronize
 from engine import CHATMED_TEMPLATE, EngineConfig, EngineCore, SamplingParams
-from engine.demo import DemoSpec, build_demo
+from engine.demo import DemoModel, DemoSpec, build_demo
 
 logger = logging.getLogger(__name__)
 
@@ -217,19 +217,26 @@ def _levels(text: str) -> list[int]:
     return levels
 
 
+def bench_core(
+    demo: DemoModel, max_num_seqs: int, threads: int | None, device: str = "cpu", dtype: str = "float32"
+) -> EngineCore:
+    """Our engine over the bench model with both adapters."""
+    config = EngineConfig(
+        model_path=demo.base_path,
+        adapters=tuple(sorted(demo.adapters.items())),
+        device=device,
+        dtype=dtype,
+        max_num_seqs=max_num_seqs,
+        num_threads=threads,
+    )
+    return EngineCore(config)
+
+
 def run(args: argparse.Namespace) -> tuple[list[RunResult], RunResult | None]:
     """Build the model, run our engine at each level, then the baseline. Returns (ours, baseline)."""
     levels = _levels(args.concurrency)
     demo = build_demo(DemoSpec.bench(), args.cache_dir)
-    config = EngineConfig(
-        model_path=demo.base_path,
-        adapters=tuple(sorted(demo.adapters.items())),
-        device=args.device,
-        dtype=args.dtype,
-        max_num_seqs=max(levels),
-        num_threads=args.threads,
-    )
-    core = EngineCore(config)
+    core = bench_core(demo, max(levels), args.threads, args.device, args.dtype)
     workloads = build_workloads(core, args.data, max(args.num_requests, args.num_serial_requests), args.seed)
     serial = workloads[: args.num_serial_requests]
     # Warm-up (unmeasured): first-call allocations and kernel selection, both adapters.

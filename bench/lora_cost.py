@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from bench.engine import Decoding, RunResult, build_workloads, run_engine
+from bench.engine import Decoding, RunResult, bench_core, build_workloads, run_engine
 from bench.prompts import DEFAULT_DATA_DIR
 from bench.report import Cell, format_table, load_note, write_json
 from bench.stats import ratio
-from engine import EngineConfig, EngineCore
+from engine import EngineCore
 from engine.demo import DemoSpec, build_demo
 
 logger = logging.getLogger(__name__)
@@ -99,14 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--concurrency, --num-requests, --max-tokens and --rounds must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     load_before = load_note()
-    demo = build_demo(DemoSpec.bench(), args.cache_dir)
-    config = EngineConfig(
-        model_path=demo.base_path,
-        adapters=tuple(sorted(demo.adapters.items())),
-        max_num_seqs=args.concurrency,
-        num_threads=args.threads,
-    )
-    core = EngineCore(config)
+    core = bench_core(build_demo(DemoSpec.bench(), args.cache_dir), args.concurrency, args.threads)
     results = measure(core, args.data, args.concurrency, args.num_requests, args.max_tokens, args.rounds)
     print(table(results))
     print(
