@@ -95,8 +95,10 @@ class EngineCore:
 
     # ---- adapters -----------------------------------------------------------------------------------
     def read_adapter(self, name: str, path: Path) -> LoraAdapter:
-        """Read and validate an adapter; touches no engine state, so it may run on another thread."""
-        return read_adapter(name, path, self.model_args, self.config.max_lora_rank, self.dtype)
+        """Read and validate an adapter, and pack it for the CPU kernel when that runs; touches no engine
+        state, so it may run on another thread."""
+        adapter = read_adapter(name, path, self.model_args, self.config.max_lora_rank, self.dtype)
+        return adapter.pack() if self.loras.kernel is not None else adapter
 
     def add_adapter(self, adapter: LoraAdapter) -> None:
         """Serve a read adapter, replacing one of the same name."""

@@ -49,10 +49,14 @@ class LoraAdapter:
     target_modules: tuple[str, ...]
     weights: LayerWeights
     blocks: LayerBlocks  # per layer and fused projection: B^T's non-zero blocks (r0, r1, c0, c1)
-    # The CPU kernel's copy of the weights (LoraSlots makes it for resident adapters when the kernel runs).
+    # The CPU kernel's copy of the weights, where the kernel runs (made as the adapter is read).
     packed: PackedAdapter | None = None
 
     def to(self, device: torch.device, dtype: torch.dtype) -> LoraAdapter:
+        """This adapter on `device` in `dtype`: itself (its packed copy too) when already there."""
+        tensors = [t for layer in self.weights for pair in layer.values() for t in pair]
+        if all(t.device == device and t.dtype == dtype for t in tensors):
+            return self
         moved = [
             {k: (a.to(device, dtype), b.to(device, dtype)) for k, (a, b) in layer.items()}
             for layer in self.weights
@@ -301,7 +305,7 @@ class LoraSlots:
             self._drop_resident(victim)
             logger.debug("adapter %s evicted from the device", victim)
         adapter = self.host[name].to(self.device, self.dtype)  # no copy when already there
-        if self.kernel is not None:
+        if self.kernel is not None and adapter.packed is None:  # EngineCore.read_adapter packs them first
             adapter = adapter.pack()
         self.resident[name] = adapter
         self.version += 1

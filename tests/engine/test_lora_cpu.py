@@ -175,6 +175,15 @@ def test_engine_adds_deltas_with_the_kernel_as_torch_does(kernel: LoraKernel, de
         assert (ours[start:end] - bare[start:end]).abs().max() > 1e-3
 
 
+def test_adapters_are_packed_as_they_are_read_not_in_a_step(kernel: LoraKernel, demo: DemoModel) -> None:
+    core = EngineCore(engine_config(demo))
+    adapter = core.read_adapter("tcm-again", demo.adapters["chatmed-tcm"])  # the async engine's thread
+    assert adapter.packed is not None
+    core.add_adapter(adapter)
+    # Made resident in a step: the adapter as read, nothing copied or packed on the engine thread.
+    assert core.loras.resident_adapter("tcm-again", {"tcm-again"}) is adapter
+
+
 def test_columns_that_are_not_contiguous_take_the_torch_path(kernel: LoraKernel) -> None:
     gen = torch.Generator().manual_seed(3)
     a, b_t, blocks = _site(gen, 16, [(4, 8)])
