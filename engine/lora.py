@@ -77,7 +77,8 @@ class LoraAdapter:
 
     @property
     def num_bytes(self) -> int:
-        return sum(a.nbytes + b.nbytes for layer in self.weights for a, b in layer.values())
+        pairs = sum(a.nbytes + b.nbytes for layer in self.weights for a, b in layer.values())
+        return pairs + (self.packed.num_bytes if self.packed is not None else 0)
 
 
 def read_adapter(name: str, path: Path, args: LlamaArgs, max_rank: int, dtype: torch.dtype) -> LoraAdapter:

@@ -70,7 +70,8 @@ INLINE void expand(const lora_weights *w, int m, const float *low, float *y, int
       }
       for (int i = 0; i < m; i++) store(y + i * ys + c, acc[i]);
     }
-    for (int64_t j = 0; c < c1; c++, j++) /* the last, partial tile: the same sums, column by column */
+    /* The last, partial tile (`tile` points at it now): the same sums, column by column. */
+    for (int64_t j = 0; c < c1; c++, j++)
       for (int i = 0; i < m; i++) {
         float s = y[i * ys + c];
         for (int64_t r = 0; r < rows; r++) s += low[i * w->rank_pad + r0 + r] * tile[r * W + j];
@@ -97,7 +98,7 @@ INLINE void rows(const lora_weights *w, int m, const float *x, int64_t xs, float
     case 3: call(3); break; \
     case 2: call(2); break; \
     case 1: call(1); break; \
-    default: break;      \
+    default: break; /* never: 1 <= m <= MR */ \
   }
 
 /* Rows [first, first + MR) of the n, or fewer at the end. */

@@ -38,8 +38,10 @@ COMMON_FLAGS = ("-shared", "-fPIC")
 # Only where torch runs on GNU OpenMP: the kernel then links the libgomp torch has already loaded (the
 # same soname) and shares its threads. Another runtime would bring a second pool of threads.
 OPENMP_FLAG = "-fopenmp"
+COMPILE_TIMEOUT_S = 120
 
-# A block of a fused projection's B^T: rank rows [r0, r1) add to output columns [c0, c1).
+# A block of a fused projection's B^T, as (r0, r1, c0, c1): rank rows [r0, r1) add to output columns
+# [c0, c1).
 Block = tuple[int, int, int, int]
 
 
@@ -80,9 +82,13 @@ class PackedAdapter:
         self._table = (_Weights * len(sites))()  # zeroed: num_blocks 0 means "no delta"
         self._keep: list[torch.Tensor] = []  # the tensors the table points into
         self.num_bytes = 0
-        for entry, site in zip(self._table, sites, strict=True):
+        # Per site, (in_dim, the output columns it writes up to), which StepPlan.add checks x and y against.
+        self.dims: list[tuple[int, int] | None] = [None] * len(sites)
+        for i, site in enumerate(sites):
             if site is not None:
-                self._fill(entry, *site)
+                a, b_t, blocks = site
+                self._fill(self._table[i], a, b_t, blocks)
+                self.dims[i] = (a.shape[1], max((c1 for _, _, _, c1 in blocks), default=0))
         self.address = ctypes.addressof(self._table)
 
     def _fill(self, entry: _Weights, a: torch.Tensor, b_t: torch.Tensor, blocks: tuple[Block, ...]) -> None:
@@ -107,13 +113,20 @@ class StepPlan:
     def __init__(self, step: Callable[..., None], segments: list[tuple[int, int, PackedAdapter]]) -> None:
         self._segments = (_Segment * len(segments))(*(_Segment(s, e, p.address) for s, e, p in segments))
         self._adapters = [p for _, _, p in segments]  # keep the tables alive while the plan is
+        self._rows = max((end for _, end, _ in segments), default=0)
         self._step = step
         self._address = ctypes.addressof(self._segments)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, site: int) -> None:
         """y[seg] += (x[seg] A^T) B^T for every segment, with its adapter's weights of `site`. x and y:
         float32 CPU tensors [T, *] with contiguous columns (LoraKernel.accepts). A segment of many rows
-        runs on torch's threads."""
+        runs on torch's threads. Shapes are checked here: the C code trusts them."""
+        if min(x.shape[0], y.shape[0]) < self._rows:
+            raise ValueError(f"the plan covers {self._rows} rows; x has {x.shape[0]}, y {y.shape[0]}")
+        for adapter in self._adapters:
+            dims = adapter.dims[site]
+            if dims is not None and (x.shape[1] != dims[0] or y.shape[1] < dims[1]):
+                raise ValueError(f"site {site} takes x [T, {dims[0]}] and y [T, >= {dims[1]}]")
         xs, ys = x.stride(0), y.stride(0)
         self._step(self._address, len(self._adapters), site, x.data_ptr(), xs, y.data_ptr(), ys, _threads())
 
@@ -145,6 +158,7 @@ class LoraKernel:
         )
 
 
+# The calling thread's torch thread count (torch.set_num_threads is per thread), read at every call.
 _threads = torch.get_num_threads
 
 
@@ -172,11 +186,11 @@ def load_kernel() -> LoraKernel | None:
 def _build(compiler: list[str], folder: Path) -> Path:
     """The library's path in `folder`, compiling it there first if absent (atomically: a parallel build
     by another process is harmless). Each flag set is tried with OpenMP where torch runs on libgomp, then
-    without."""
+    without. A flag set that failed leaves a `.failed` file, so later starts go straight to the next."""
     source = SOURCE.read_bytes()
     version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     folder.mkdir(parents=True, exist_ok=True)
-    errors = []
+    errors: list[str] = []
     candidates = list(FLAG_SETS)
     if _torch_uses_libgomp():
         candidates = [(*flags, OPENMP_FLAG) for flags in FLAG_SETS] + candidates
@@ -184,27 +198,47 @@ def _build(compiler: list[str], folder: Path) -> Path:
         key = hashlib.sha256(
             b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_features().encode()])
         ).hexdigest()[:16]
-        library = folder / f"lora_cpu-{key}.so"
+        library, failed = folder / f"lora_cpu-{key}.so", folder / f"lora_cpu-{key}.failed"
         if library.is_file():
             return library
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".so.tmp")
-        os.close(fd)
-        cmd = [*compiler, *flags, *COMMON_FLAGS, "-o", tmp, str(SOURCE)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-        if done.returncode == 0:
-            os.replace(tmp, library)
+        if failed.is_file():
+            errors.append(f"{' '.join(flags)}: failed before")
+            continue
+        error = _compile([*compiler, *flags, *COMMON_FLAGS], library)
+        if error is None:
             logger.info("built the native CPU LoRA kernel (%s)", " ".join(flags))
             return library
-        os.unlink(tmp)
-        errors.append(done.stderr.strip().splitlines()[-1:] or [f"exit {done.returncode}"])
-    raise OSError(f"{compiler[0]} could not build {SOURCE.name}: {errors}")
+        failed.write_text(error + "\n")
+        errors.append(f"{' '.join(flags)}: {error}")
+    raise OSError(f"{compiler[0]} could not build {SOURCE.name}: {'; '.join(errors)}")
+
+
+def _compile(command: list[str], library: Path) -> str | None:
+    """Compile SOURCE into `library` by way of a temporary file; None when done, else why not."""
+    fd, tmp = tempfile.mkstemp(dir=library.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        done = subprocess.run(
+            [*command, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S
+        )
+        if done.returncode != 0:
+            return (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        os.replace(tmp, library)
+        return None
+    except subprocess.TimeoutExpired:
+        return "timed out"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def _torch_uses_libgomp() -> bool:
-    """Whether this process has GNU OpenMP loaded (torch's Linux wheels bring it) and torch runs on it."""
+    """Whether this process has GNU OpenMP loaded under the name the kernel links (libgomp.so.1, as
+    torch's Linux wheels bring it) and torch runs on OpenMP. A renamed copy (libgomp-<hash>.so.1) would
+    not be shared: the kernel would load a second runtime."""
     try:
         with open("/proc/self/maps") as f:
-            loaded = any("/libgomp" in line for line in f)
+            loaded = any(line.rstrip().endswith("/libgomp.so.1") for line in f)
     except OSError:
         return False
     return loaded and "OpenMP" in torch.__config__.parallel_info()

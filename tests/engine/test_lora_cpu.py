@@ -218,13 +218,52 @@ def test_disabled_by_the_environment(
     assert isinstance(lora, SegmentLora) and lora.plan is None
 
 
-def test_a_compiler_that_fails_leaves_the_torch_path(
-    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_compiler_that_fails_leaves_the_torch_path_and_is_not_retried(
+    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("CC", "false")
     with caplog.at_level(logging.WARNING, logger=lora_cpu.__name__):
         assert load_kernel() is None
     assert "torch matmuls" in caplog.text
+    failed = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert failed and all(name.endswith(".failed") for name in failed)  # no temporary file left
+    load_kernel.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=lora_cpu.__name__):
+        assert load_kernel() is None
+    assert "failed before" in caplog.text
+
+
+def test_a_compiler_that_hangs_is_given_up_on(
+    fresh_kernel: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    slow = tmp_path / "slow-cc"
+    slow.write_text('#!/bin/sh\n[ "$1" = --version ] && exit 0\nsleep 5\n')
+    slow.chmod(0o755)
+    monkeypatch.setenv("CC", str(slow))
+    monkeypatch.setattr(lora_cpu, "COMPILE_TIMEOUT_S", 0.2)
+    assert load_kernel() is None
+    assert not [p for p in (tmp_path / "kernels").iterdir() if p.suffix == ".tmp"]
+
+
+def test_the_kernel_runs_on_torchs_openmp_threads_where_torch_has_libgomp(kernel: LoraKernel) -> None:
+    if not lora_cpu._torch_uses_libgomp():
+        pytest.skip("torch does not run on libgomp.so.1 here: the kernel is built without OpenMP")
+    assert b"GOMP_parallel" in kernel.library.read_bytes()
+
+
+def test_shapes_that_do_not_fit_the_weights_are_refused(kernel: LoraKernel) -> None:
+    gen = torch.Generator().manual_seed(4)
+    plan = kernel.plan([(0, 4, PackedAdapter([_site(gen, 32, [(4, 16)])]))])
+    y = torch.zeros(4, 16)
+    with pytest.raises(ValueError, match="site 0"):
+        plan.add(y, torch.zeros(4, 31), 0)  # x narrower than A's input
+    with pytest.raises(ValueError, match="site 0"):
+        plan.add(torch.zeros(4, 15), torch.zeros(4, 32), 0)  # y narrower than B's output
+    with pytest.raises(ValueError, match="4 rows"):
+        plan.add(torch.zeros(3, 16), torch.zeros(3, 32), 0)
+    with pytest.raises(IndexError):
+        plan.add(y, torch.zeros(4, 32), 1)  # no such site
 
 
 def test_the_build_is_cached_by_source_and_host(
