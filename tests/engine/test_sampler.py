@@ -8,6 +8,8 @@ from collections.abc import Iterator, Sequence
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers.generation.logits_process import (
     RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
@@ -477,12 +479,12 @@ def test_a_vanishing_repetition_penalty_draws_among_the_repeated_positive_ids(sa
     draw (no NaN, no id past the vocabulary), whatever the truncation."""
     logits = _random_logits(1, 7).abs()  # every logit positive
     repeated = [3, 9, 40]
-    for settings in [
+    for extreme in [
         {"temperature": 0.7, "repetition_penalty": 5e-324},
         {"temperature": 0.7, "top_p": 0.9, "repetition_penalty": 1e-40},
         {"temperature": 1.0, "top_k": 5, "repetition_penalty": 5e-324},
     ]:
-        rows = [_row(SamplingParams(seed=seed, **settings), prompt_ids=repeated) for seed in range(64)]
+        rows = [_row(SamplingParams(seed=seed, **extreme), prompt_ids=repeated) for seed in range(64)]
         drawn = set(sampler.sample(logits.expand(len(rows), VOCAB), rows).token_ids)
         assert drawn <= set(repeated) and len(drawn) > 1
 
@@ -490,6 +492,50 @@ def test_a_vanishing_repetition_penalty_draws_among_the_repeated_positive_ids(sa
 def test_a_row_without_mass_still_gets_an_id_in_the_vocabulary() -> None:
     probs = torch.tensor([[0.0, 0.0, 0.0], [float("nan")] * 3, [0.0, 1.0, 0.0]])
     assert sample_from_probs(probs, torch.tensor([0.5, 0.5, 0.5])).tolist() == [2, 2, 1]
+
+
+_TINY = st.floats(min_value=5e-324, max_value=1e-30)  # subnormal and tiny: 0 or denormal in float32
+
+
+@st.composite
+def _extreme_rows(draw: st.DrawFn) -> tuple[torch.Tensor, list[SamplingRow]]:
+    """1-4 rows of any settings SamplingParams accepts, over logits with huge, tiny and -inf values."""
+    num_rows = draw(st.integers(1, 4))
+    values = st.one_of(
+        st.floats(-30, 30), st.sampled_from([float("-inf"), 3e38, -3e38, 1e-40, 0.0]), st.floats(-1e6, 1e6)
+    )
+    logits = torch.tensor(draw(st.lists(values, min_size=num_rows * VOCAB, max_size=num_rows * VOCAB)))
+    logits = logits.view(num_rows, VOCAB)
+    logits[:, 0] = torch.where(logits[:, 0] == float("-inf"), 0.0, logits[:, 0])  # a row keeps one id
+    rows = []
+    for _ in range(num_rows):
+        params = SamplingParams(
+            temperature=draw(st.one_of(st.just(0.0), _TINY, st.floats(1e-6, 1e30))),
+            top_p=draw(st.one_of(st.just(1.0), _TINY, st.floats(1e-6, 1.0))),
+            top_k=draw(st.integers(-1, VOCAB + 5)),
+            repetition_penalty=draw(st.one_of(st.just(1.0), _TINY, st.floats(1e-6, 1e30))),
+            presence_penalty=draw(st.floats(-2, 2)),
+            frequency_penalty=draw(st.floats(-2, 2)),
+            min_tokens=draw(st.integers(0, 2)),
+            max_tokens=4,
+            stop_token_ids=tuple(draw(st.lists(st.integers(0, VOCAB + 3), max_size=3))),
+            logprobs=draw(st.one_of(st.none(), st.integers(0, 5))),
+            seed=draw(st.integers(0, 2**32)),
+        )
+        history = draw(st.lists(st.integers(0, VOCAB - 1), max_size=6))
+        rows.append(_row(params, output_ids=history[3:], prompt_ids=history[:3] or (1,)))
+    return logits, rows
+
+
+@settings(max_examples=150, deadline=None)
+@given(case=_extreme_rows())
+def test_any_accepted_settings_give_an_id_of_the_vocabulary(case: tuple) -> None:
+    """Whatever SamplingParams accepts, over whatever logits a model gives (huge, tiny, -inf), every row
+    gets an id of the vocabulary: no exception, no id past the end."""
+    logits, rows = case
+    result = Sampler(vocab_size=VOCAB, eos_token_id=EOS, device=CPU).sample(logits, rows)
+    assert len(result.token_ids) == len(rows)
+    assert all(0 <= token < VOCAB for token in result.token_ids)
 
 
 # --- logprobs -----------------------------------------------------------------------------------------
