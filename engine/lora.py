@@ -242,7 +242,7 @@ class LoraSlots:
         self.max_cpu_loras = max_cpu_loras
         self.device = device
         self.dtype = dtype
-        self.kernel = kernel  # the CPU kernel: resident adapters also keep its copy of their weights
+        self.kernel = kernel  # the CPU kernel: adapters carry its copy of their weights (LoraAdapter.pack)
         self.paths: dict[str, Path] = {}
         self.host: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.resident: OrderedDict[str, LoraAdapter] = OrderedDict()
