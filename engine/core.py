@@ -20,7 +20,7 @@ from engine.lora import LoraAdapter, LoraSlots, read_adapter
 from engine.model.llama import LlamaArgs, load_llama
 from engine.model.lora_cpu import load_kernel
 from engine.model_runner import ModelRunner
-from engine.sampler import Sampler, SamplingRow
+from engine.sampler import Logprobs, Sampler, SamplingRow
 from engine.scheduler import ScheduledSeq, Scheduler, Sequence
 from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from engine.types import (
@@ -208,16 +208,18 @@ class EngineCore:
     def _process(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
         reqs = [self.requests[item.seq.request_id] for item in sampling]
         rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
-        result = self.sampler.sample(logits, rows)
+        token_ids, logprobs = self._sample(reqs, logits, rows)
         now = time.monotonic()
         outputs = []
         for i, req in enumerate(reqs):
-            token_id = result.token_ids[i]
+            token_id = token_ids[i]
+            if token_id is None:  # its sampling failed: the request has been failed already
+                continue
             req.seq.token_ids.append(token_id)
             self.num_generation_tokens_total += 1
             try:
                 out = self._advance(req, token_id, now)
-                raw = result.logprobs[i]
+                raw = logprobs[i]
                 if raw is not None:
                     out.logprobs = [self._logprob(token_id, raw)]
             except Exception as e:  # one request's fault must not take the others down
@@ -229,6 +231,35 @@ class EngineCore:
             if out.finished:
                 self._finish(req)
         return outputs
+
+    def _sample(
+        self, reqs: list[_Request], logits: torch.Tensor, rows: list[SamplingRow]
+    ) -> tuple[list[int | None], list[Logprobs | None]]:
+        """Each row's token id and logprobs, the rows sampled together; should that raise, each row alone,
+        so that a row that still fails fails its request only (its id is None). A seeded row sampled
+        again has drawn twice."""
+        try:
+            result = self.sampler.sample(logits, rows)
+            return list(result.token_ids), result.logprobs
+        except Exception as e:
+            logger.error("sampling the step failed (%s): sampling its rows one by one", type(e).__name__)
+        token_ids: list[int | None] = []
+        logprobs: list[Logprobs | None] = []
+        for i, (req, row) in enumerate(zip(reqs, rows, strict=True)):
+            try:
+                alone = self.sampler.sample(logits[i : i + 1], [row])
+            except Exception as e:  # one request's fault must not take the others down
+                logger.error(
+                    "request %s failed in sampling (%s)", req.seq.request_id, type(e).__name__, exc_info=True
+                )
+                self.failed.append((req.seq.request_id, e))
+                self.abort(req.seq.request_id)
+                token_ids.append(None)
+                logprobs.append(None)
+                continue
+            token_ids.append(alone.token_ids[0])
+            logprobs.append(alone.logprobs[0])
+        return token_ids, logprobs
 
     def _advance(self, req: _Request, token_id: int, now: float) -> RequestOutput:
         """Detokenize the new token, check stop conditions, and build the request's increment."""

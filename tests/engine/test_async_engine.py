@@ -112,6 +112,34 @@ async def test_one_failing_request_fails_alone(engine: AsyncEngine, monkeypatch:
     assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
 
+async def test_a_request_whose_sampling_fails_fails_alone(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DESIGN: an exception in one request's processing fails that request only, sampling included."""
+    original = engine.core.sampler.sample
+    calls = {"batched": 0}
+
+    def faulty(logits, rows):  # type: ignore[no-untyped-def]
+        if any(row.params.seed == 666 for row in rows):
+            calls["batched"] += len(rows) > 1
+            raise RuntimeError("injected sampler fault")
+        return original(logits, rows)
+
+    monkeypatch.setattr(engine.core.sampler, "sample", faulty)
+    prompt = _prompt(engine, "胃痛怎么办？")
+    doomed = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.7, seed=666)
+    victim = asyncio.create_task(_collect(engine, "victim", prompt, doomed, "chatmed-tcm"))
+    bystander = asyncio.create_task(_collect(engine, "bystander", prompt, GREEDY, "chatmed-consult"))
+    with pytest.raises(RequestFailed):
+        await asyncio.wait_for(victim, TIMEOUT_S)
+    outs = await asyncio.wait_for(bystander, TIMEOUT_S)
+    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == GREEDY.max_tokens
+    assert calls["batched"] >= 1  # the two were sampled together, then one by one
+    assert not engine.is_dead
+    await _wait_until_idle(engine)
+    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
+
+
 async def test_a_dead_engine_ends_every_stream(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
     def broken() -> list[RequestOutput]:
         raise RuntimeError("injected engine fault")
