@@ -100,12 +100,18 @@ async def test_one_failing_request_fails_alone(engine: AsyncEngine, monkeypatch:
         return original(req, token_id, now)
 
     monkeypatch.setattr(engine.core, "_advance", faulty)
+    await _only_the_victim_fails(engine, GREEDY, "chatmed-tcm")
+
+
+async def _only_the_victim_fails(engine: AsyncEngine, victim_params: SamplingParams, bystander: str) -> None:
+    """The request "victim" (on chatmed-tcm) fails with RequestFailed; a greedy bystander on `bystander`
+    runs beside it to the end; the engine lives on and every KV block comes back."""
     prompt = _prompt(engine, "胃痛怎么办？")
-    victim = asyncio.create_task(_collect(engine, "victim", prompt, GREEDY, "chatmed-tcm"))
-    bystander = asyncio.create_task(_collect(engine, "bystander", prompt, GREEDY, "chatmed-tcm"))
+    victim = asyncio.create_task(_collect(engine, "victim", prompt, victim_params, "chatmed-tcm"))
+    other = asyncio.create_task(_collect(engine, "bystander", prompt, GREEDY, bystander))
     with pytest.raises(RequestFailed):
         await asyncio.wait_for(victim, TIMEOUT_S)
-    outs = await asyncio.wait_for(bystander, TIMEOUT_S)
+    outs = await asyncio.wait_for(other, TIMEOUT_S)
     assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == GREEDY.max_tokens
     assert not engine.is_dead
     await _wait_until_idle(engine)
@@ -126,18 +132,9 @@ async def test_a_request_whose_sampling_fails_fails_alone(
         return original(logits, rows)
 
     monkeypatch.setattr(engine.core.sampler, "sample", faulty)
-    prompt = _prompt(engine, "胃痛怎么办？")
     doomed = SamplingParams(max_tokens=GREEDY.max_tokens, temperature=0.7, seed=666)
-    victim = asyncio.create_task(_collect(engine, "victim", prompt, doomed, "chatmed-tcm"))
-    bystander = asyncio.create_task(_collect(engine, "bystander", prompt, GREEDY, "chatmed-consult"))
-    with pytest.raises(RequestFailed):
-        await asyncio.wait_for(victim, TIMEOUT_S)
-    outs = await asyncio.wait_for(bystander, TIMEOUT_S)
-    assert outs[-1].finished and sum(len(o.token_ids) for o in outs) == GREEDY.max_tokens
+    await _only_the_victim_fails(engine, doomed, "chatmed-consult")
     assert calls["batched"] >= 1  # the two were sampled together, then one by one
-    assert not engine.is_dead
-    await _wait_until_idle(engine)
-    assert engine.stats().num_free_blocks == engine.stats().num_total_blocks
 
 
 async def test_a_dead_engine_ends_every_stream(engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch) -> None:
