@@ -292,7 +292,10 @@ class LoraSlots:
                 out.append(LoraSegment(start, end, adapter.weights))
                 if adapter.packed is not None:
                     packed.append((start, end, adapter.packed))
-        plan = self.kernel.plan(packed) if self.kernel is not None and len(packed) == len(out) else None
+        plan = None
+        # A step of base rows alone gets no plan: SegmentLora then has nothing to add, and no kernel call.
+        if self.kernel is not None and packed and len(packed) == len(out):
+            plan = self.kernel.plan(packed)
         return SegmentLora(out, plan)
 
     def resident_adapter(self, name: str, active: set[str]) -> LoraAdapter:

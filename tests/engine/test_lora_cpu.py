@@ -175,6 +175,12 @@ def test_engine_adds_deltas_with_the_kernel_as_torch_does(kernel: LoraKernel, de
         assert (ours[start:end] - bare[start:end]).abs().max() > 1e-3
 
 
+def test_a_step_of_base_rows_alone_makes_no_kernel_call(kernel: LoraKernel, demo: DemoModel) -> None:
+    core = EngineCore(engine_config(demo))
+    assert core.loras.segments([(None, 0, 6)]).plan is None
+    assert core.loras.segments([(None, 0, 6), ("chatmed-tcm", 6, 9)]).plan is not None
+
+
 def test_adapters_are_packed_as_they_are_read_not_in_a_step(kernel: LoraKernel, demo: DemoModel) -> None:
     core = EngineCore(engine_config(demo))
     adapter = core.read_adapter("tcm-again", demo.adapters["chatmed-tcm"])  # the async engine's thread
