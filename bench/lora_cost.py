@@ -28,11 +28,13 @@ from bench.report import Cell, format_table, load_note, write_json
 from bench.stats import ratio
 from engine import EngineCore
 from engine.demo import DemoSpec, build_demo
+from server.registry import CHATMED_DEFAULTS
 
 logger = logging.getLogger(__name__)
 
 BASE, KERNEL, MATMULS = "base only", "adapters, CPU kernel", "adapters, torch matmuls"
-CHATMED_DEFAULTS = Decoding(temperature=0.2, top_p=0.9, repetition_penalty=1.3)
+# The served models' generation defaults (CHATMED.md), as the server applies them.
+CHATMED = Decoding(CHATMED_DEFAULTS.temperature, CHATMED_DEFAULTS.top_p, CHATMED_DEFAULTS.repetition_penalty)
 
 
 def measure(
@@ -43,7 +45,7 @@ def measure(
     bare = [replace(w, adapter=None) for w in mixed]  # the same prompts on the base
     kernel = core.loras.kernel
     ways = [BASE, KERNEL, MATMULS] if kernel is not None else [BASE, MATMULS]
-    run_engine(core, mixed[:4], 8, CHATMED_DEFAULTS, 4)  # warm-up: both adapters resident, first calls
+    run_engine(core, mixed[:4], 8, CHATMED, 4)  # warm-up: both adapters resident, first calls
     results: dict[str, list[RunResult]] = {way: [] for way in ways}
     try:
         for round_ in range(rounds):
@@ -51,7 +53,7 @@ def measure(
                 core.loras.kernel = kernel if way == KERNEL else None  # None: SegmentLora's matmuls
                 logger.info("round %d/%d: %s", round_ + 1, rounds, way)
                 workloads = bare if way == BASE else mixed
-                results[way].append(run_engine(core, workloads, max_tokens, CHATMED_DEFAULTS, concurrency))
+                results[way].append(run_engine(core, workloads, max_tokens, CHATMED, concurrency))
     finally:
         core.loras.kernel = kernel
     return results

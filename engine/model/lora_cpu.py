@@ -169,10 +169,7 @@ def load_kernel() -> LoraKernel | None:
     if os.environ.get(DISABLE_ENV) == "1":
         logger.info("native CPU LoRA kernel disabled (%s=1): torch matmuls", DISABLE_ENV)
         return None
-    compiler = (
-        shlex.split(os.environ.get("CC", ""))
-        or [found for found in map(shutil.which, ("cc", "gcc", "clang")) if found is not None][:1]
-    )
+    compiler = find_compiler()
     if not compiler:
         logger.info("no C compiler found: the CPU adds LoRA deltas with torch matmuls")
         return None
@@ -181,6 +178,12 @@ def load_kernel() -> LoraKernel | None:
     except (OSError, subprocess.SubprocessError) as e:
         logger.warning("native CPU LoRA kernel unavailable (%s): torch matmuls", e)
         return None
+
+
+def find_compiler() -> list[str]:
+    """$CC (split like a shell would) or the first of cc, gcc and clang on PATH; [] when there is none."""
+    configured = shlex.split(os.environ.get("CC", ""))
+    return configured or [found for found in map(shutil.which, ("cc", "gcc", "clang")) if found][:1]
 
 
 def _build(compiler: list[str], folder: Path) -> Path:

@@ -4,7 +4,6 @@ use by the engine, and the torch fallback when it cannot be built."""
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +23,7 @@ Site = tuple[torch.Tensor, torch.Tensor, tuple[Block, ...]]
 
 @pytest.fixture(scope="module")
 def kernel() -> LoraKernel:
-    if shutil.which("cc") is None and shutil.which("gcc") is None and shutil.which("clang") is None:
+    if not lora_cpu.find_compiler():
         pytest.skip("no C compiler: the engine uses torch matmuls (tested below)")
     found = load_kernel()
     assert found is not None, "a C compiler is here, so the kernel must build"
