@@ -811,6 +811,20 @@ def eager_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, dea
         core.runner.graphs = graphs
 
 
+def cublas_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
+    """The same batch-1 decode with every matmul on cuBLAS instead of the Triton skinny kernel: what that
+    kernel saves. Fresh graphs are captured for it; the engine's own come back afterwards."""
+    ops, graphs = core.runner.model.ops, core.runner.graphs
+    ops.skinny = False
+    try:
+        if graphs is not None:
+            core.runner.use_fixed_decode(graphs.buckets[-1], core.max_model_len, graphs.capture)
+        return decode_row(core, work, steps, floor, deadline, f"{work.adapter or _BASE}, cuBLAS matmuls")
+    finally:
+        ops.skinny = True
+        core.runner.graphs = graphs
+
+
 def engine_path(core: EngineCore) -> str:
     """How the engine ran: its ops and what its CUDA graphs did."""
     graphs = core.runner.graphs
@@ -893,6 +907,13 @@ def engine_rows(
         row = budget.run(
             "decode step, batch 1, base, no CUDA graphs",
             partial(eager_decode_row, core, Work(prompts[0], None), cfg.decode_steps, floor, deadline),
+            reserve_s=reserve_s,
+        )
+        rows += [row] if row is not None else []
+    if getattr(core.runner.model.ops, "skinny", False):
+        row = budget.run(
+            "decode step, batch 1, base, cuBLAS matmuls",
+            partial(cublas_decode_row, core, Work(prompts[0], None), cfg.decode_steps, floor, deadline),
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []

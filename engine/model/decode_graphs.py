@@ -76,8 +76,15 @@ class DecodeGraphs:
         device = kv.keys[0].device
         rows = self.buckets[-1]
         self.width = -(-max_model_len // block_size)
-        self.vectors = torch.zeros(5, rows, dtype=torch.long, device=device)
+        # A step of bucket b reads its five input vectors as the first 5 b entries ([5, b]) and its block
+        # tables as the first b rows, so each is one contiguous copy from the host. The host side is
+        # pinned on CUDA, which makes those copies asynchronous (the last step's were done before its
+        # logits were read).
+        pin = device.type == "cuda"
+        self.vectors = torch.zeros(5 * rows, dtype=torch.long, device=device)
         self.tables = torch.zeros(rows, self.width, dtype=torch.long, device=device)
+        self.host_vectors = torch.zeros(5 * rows, dtype=torch.long, pin_memory=pin)
+        self.host_tables = torch.zeros(rows, self.width, dtype=torch.long, pin_memory=pin)
         self.entries: OrderedDict[GraphKey, _Entry] = OrderedDict()
         self.stacks: dict[tuple[int, ...], StackedAdapters] = {}  # by the adapters' ids
         self.pool: Any = None  # the graphs' shared memory pool
@@ -148,12 +155,14 @@ class DecodeGraphs:
         cols = max(len(t) for t in tables)
         # Columns past a row's own blocks keep stale ids: attention reads only the first `len` positions.
         padded = [t + [self.pad_block] * (cols - len(t)) for t in tables]
-        self.vectors[:, :bucket].copy_(torch.tensor([ids, positions, slots, lens, lora]), non_blocking=True)
-        self.tables[:bucket, :cols].copy_(torch.tensor(padded), non_blocking=True)
+        self.host_vectors[: 5 * bucket] = torch.tensor(ids + positions + slots + lens + lora)
+        self.host_tables[:bucket, :cols] = torch.tensor(padded)
+        self.vectors[: 5 * bucket].copy_(self.host_vectors[: 5 * bucket], non_blocking=True)
+        self.tables[:bucket].copy_(self.host_tables[:bucket], non_blocking=True)
 
     def _forward(self, bucket: int, stacked: StackedAdapters, need_mask: bool) -> torch.Tensor:
         """The fixed-shape step on buffers [:bucket]: logits [bucket, vocab]."""
-        v = self.vectors[:, :bucket]
+        v = self.vectors[: 5 * bucket].view(5, bucket)
         attn = AttentionBatch(
             block_size=self.block_size,
             slot_mapping=v[_SLOTS],

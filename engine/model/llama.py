@@ -263,14 +263,20 @@ class Block(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        delta: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv: KVCache,
         attn: AttentionBatch,
         lora: LoraBatch,
         ops: TorchOps,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, delta) -> (residual, delta) of the next layer: the MLP's output is added to the
+        residual by the next layer's fused add + norm, not by a launch of its own."""
         a = self.args
-        h = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
+        if delta is None:
+            h = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
+        else:
+            x, h = ops.add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)
         qkv = _linear_lora(h, self.qkv, self.layer, "qkv", lora, ops)
         keys, values = kv.keys[self.layer], kv.values[self.layer]
         q, k, v = ops.rotary_store(qkv, *rope, keys, values, attn.slot_mapping, a.num_heads, a.num_kv_heads)
@@ -279,7 +285,7 @@ class Block(nn.Module):
             x, _linear_lora(o, self.o, self.layer, "o", lora, ops), self.mlp_norm.weight, self.mlp_norm.eps
         )
         gate_up = _linear_lora(h, self.gate_up, self.layer, "gate_up", lora, ops)
-        return x + _linear_lora(ops.silu_mul(gate_up), self.down, self.layer, "down", lora, ops)
+        return x, _linear_lora(ops.silu_mul(gate_up), self.down, self.layer, "down", lora, ops)
 
 
 class Llama(nn.Module):
@@ -305,9 +311,10 @@ class Llama(nn.Module):
         """input_ids, positions: [T] -> final hidden states [T, hidden] (norm not yet applied)."""
         x = self.embed(input_ids)
         rope = self.rotary(positions, x.dtype)
+        delta: torch.Tensor | None = None
         for block in self.layers:
-            x = block(x, rope, kv, attn, lora, self.ops)
-        return x
+            x, delta = block(x, delta, rope, kv, attn, lora, self.ops)
+        return x if delta is None else x + delta
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [N, hidden] -> logits [N, vocab] in float32."""

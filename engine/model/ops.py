@@ -129,11 +129,21 @@ class TritonOps(TorchOps):
 
     name = "triton"
     reads_in_place = True
+    # Matmuls of a few rows (decode steps of small batches) stream the weight through
+    # triton_ops.skinny_matmul where it beats cuBLAS (triton_ops.skinny_settings); False: cuBLAS always.
+    skinny = True
 
     def __init__(self) -> None:
         from engine.model import triton_ops
 
         self.k = triton_ops
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.skinny and x.stride(1) == 1 and weight.stride(1) == 1:
+            settings = self.k.skinny_settings(x.shape[0], weight.shape[0], weight.shape[1])
+            if settings is not None:
+                return self.k.skinny_matmul(x, weight, settings)
+        return F.linear(x, weight)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return self.k.rms_norm(x, weight, eps)

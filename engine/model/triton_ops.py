@@ -194,6 +194,14 @@ def rotary_store(
     return qk
 
 
+# Decode attention splits each sequence's keys into pieces of SPLIT_LEN positions, one program per
+# (sequence, query head, piece), so that a short batch still spreads over the multiprocessors; a second
+# kernel merges the pieces. A row's result depends only on its own length, never on the batch or on how
+# wide the block table is, so fixed-shape (graph) steps and eager steps agree bit for bit.
+SPLIT_LEN = 64
+_MERGE_CHUNK = 32
+
+
 @triton.jit
 def _paged_decode_kernel(
     q_ptr,
@@ -201,43 +209,94 @@ def _paged_decode_kernel(
     v_cache_ptr,
     tables_ptr,
     lens_ptr,
-    out_ptr,
+    part_acc_ptr,
+    part_ml_ptr,
     table_stride,
     scale,
     num_heads,
     num_kv_heads,
+    num_splits,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """One program per (sequence, query head): online softmax over the sequence's keys, read in place
-    from their cache slots, BLOCK_N positions at a time."""
+    """One program per (sequence, query head, piece of SPLIT positions): online softmax over the piece's
+    keys, read in place from their cache slots, BLOCK_N positions at a time. Writes the piece's
+    unnormalised sum and its (max, denominator); a piece past the sequence's end writes nothing."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    split = tl.program_id(2)
     kv_head = head // (num_heads // num_kv_heads)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (seq * num_heads + head) * HEAD_DIM + dims).to(tl.float32) * scale
     context_len = tl.load(lens_ptr + seq)
+    begin = split * SPLIT
+    end = tl.minimum(context_len, begin + SPLIT)
     offsets = tl.arange(0, BLOCK_N)
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for start in range(0, context_len, BLOCK_N):
+    for start in range(begin, end, BLOCK_N):
         pos = start + offsets
-        valid = pos < context_len
+        valid = pos < end
         block = tl.load(tables_ptr + seq * table_stride + pos // BLOCK_SIZE, mask=valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         where = (slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :]
         k = tl.load(k_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
+        v = tl.load(v_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
         scores = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 0))
         p = tl.exp(scores - m_new)
         alpha = tl.exp(m_i - m_new)
-        v = tl.load(v_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)
+    piece = (seq * num_heads + head) * num_splits + split
+    tl.store(part_acc_ptr + piece * HEAD_DIM + dims, acc, mask=dims * 0 + begin < context_len)
+    pair = tl.arange(0, 2)
+    tl.store(
+        part_ml_ptr + piece * 2 + pair, tl.where(pair == 0, m_i, l_i), mask=pair * 0 + begin < context_len
+    )
+
+
+@triton.jit
+def _merge_pieces_kernel(
+    part_acc_ptr,
+    part_ml_ptr,
+    lens_ptr,
+    out_ptr,
+    num_heads,
+    num_splits,
+    HEAD_DIM: tl.constexpr,
+    SPLIT: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """One program per (sequence, query head): merges the sequence's pieces, CHUNK at a time (a fixed
+    shape, so the order of additions depends only on the sequence's length)."""
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    dims = tl.arange(0, HEAD_DIM)
+    pieces = tl.cdiv(tl.load(lens_ptr + seq), SPLIT)
+    base = (seq * num_heads + head) * num_splits
+    m_run = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)
+    l_run = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for first in range(0, pieces, CHUNK):
+        index = first + tl.arange(0, CHUNK)
+        inside = index < pieces
+        m = tl.load(part_ml_ptr + (base + index) * 2, mask=inside, other=float("-inf"))
+        l_piece = tl.load(part_ml_ptr + (base + index) * 2 + 1, mask=inside, other=0.0)
+        part = tl.load(
+            part_acc_ptr + (base + index)[:, None] * HEAD_DIM + dims[None, :], mask=inside[:, None], other=0.0
+        )
+        m_new = tl.maximum(m_run, tl.max(m, 0))
+        weight = tl.where(inside, tl.exp(m - m_new), 0.0)
+        alpha = tl.exp(m_run - m_new)
+        acc = acc * alpha + tl.sum(part * weight[:, None], 0)
+        l_run = l_run * alpha + tl.sum(l_piece * weight, 0)
+        m_run = m_new
+    out = acc / tl.where(l_run > 0, l_run, 1.0)
     tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
@@ -253,21 +312,145 @@ def paged_decode_attention(
     [B, nb]; context_lens [B] (the query's own key included) -> [B, H, D]. A row of length 0 gives zeros."""
     batch, num_heads, head_dim = q.shape
     assert q.is_contiguous() and k_cache.is_contiguous() and block_tables.stride(1) == 1
-    out = torch.empty_like(q)
-    _paged_decode_kernel[(batch, num_heads)](
+    num_splits = max(1, triton.cdiv(block_tables.shape[1] * block_size, SPLIT_LEN))
+    part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    _paged_decode_kernel[(batch, num_heads, num_splits)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
-        out,
+        part_acc,
+        part_ml,
         block_tables.stride(0),
         head_dim**-0.5,
         num_heads,
         k_cache.shape[1],
+        num_splits,
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
-        BLOCK_N=64,
+        BLOCK_N=min(64, SPLIT_LEN),
+        SPLIT=SPLIT_LEN,
+        num_warps=4,
+    )
+    out = torch.empty_like(q)
+    _merge_pieces_kernel[(batch, num_heads)](
+        part_acc,
+        part_ml,
+        context_lens,
+        out,
+        num_heads,
+        num_splits,
+        HEAD_DIM=head_dim,
+        SPLIT=SPLIT_LEN,
+        CHUNK=_MERGE_CHUNK,
         num_warps=4,
     )
     return out
+
+
+@triton.jit
+def _skinny_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rows,
+    n_out,
+    n_in,
+    x_stride,
+    w_stride,
+    y_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """y [rows, n_out] = x [rows, n_in] @ w [n_out, n_in]^T for a few rows: one program per BLOCK_N output
+    columns streams its slice of w once, so the weight read spreads over every multiprocessor. With
+    USE_DOT the rows (padded to BLOCK_M >= 16) go through tl.dot; else BLOCK_M is 1 and the products
+    accumulate elementwise, reduced once at the end."""
+    pid = tl.program_id(0)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    ks = tl.arange(0, BLOCK_K)
+    w_base = w_ptr + cols[:, None].to(tl.int64) * w_stride
+    if USE_DOT:
+        ms = tl.arange(0, BLOCK_M)
+        row_ok = ms < rows
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            kk = k0 + ks
+            k_ok = kk < n_in
+            if EVEN_K:
+                k_ok = kk >= 0
+            x = tl.load(
+                x_ptr + ms[:, None] * x_stride + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+            )
+            w = tl.load(w_base + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            # bf16/fp16 widen exactly into tf32's mantissa; float32 inputs keep full precision.
+            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
+        out = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + ms[:, None] * y_stride + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+    else:
+        acc2 = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
+        for k0 in range(0, n_in, BLOCK_K):
+            kk = k0 + ks
+            if EVEN_K:
+                x = tl.load(x_ptr + kk)
+                w = tl.load(w_base + kk[None, :], mask=col_ok[:, None], other=0.0)
+            else:
+                k_ok = kk < n_in
+                x = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
+                w = tl.load(w_base + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+            acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        out1 = tl.sum(acc2, 1).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + cols, out1, mask=col_ok)
+
+
+def skinny_settings(rows: int, n_out: int, n_in: int) -> tuple[int, int, int, int] | None:
+    """(BLOCK_N, BLOCK_K, warps, stages) for skinny_matmul, or None where cuBLAS is as fast or faster.
+
+    Chosen from one H200 sweep over LLaMA-7B's projections (bench/README.md): at one row the kernel
+    reads 3.3-4.4 TB/s where cuBLAS reads 2.6-4.0; at 2-16 rows it wins only on the wide LM head."""
+    if rows == 1:
+        return (16, 1024, 8, 2) if n_out <= n_in else (16, 512, 4, 2)
+    if rows <= 16 and n_out >= 8 * n_in:
+        return (64, 256, 4, 3)
+    return None
+
+
+def skinny_matmul(
+    x: torch.Tensor, weight: torch.Tensor, settings: tuple[int, int, int, int] | None = None
+) -> torch.Tensor:
+    """x [M, in] @ weight [out, in]^T for M <= 16, accumulated in float32, rounded once to x's dtype."""
+    rows, n_in = x.shape
+    n_out = weight.shape[0]
+    assert rows <= 16 and weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1
+    use_dot = rows > 1
+    block_n, block_k, num_warps, num_stages = (
+        settings or skinny_settings(rows, n_out, n_in) or (32, 256, 4, 3)
+    )
+    y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
+    _skinny_matmul_kernel[(triton.cdiv(n_out, block_n),)](
+        x,
+        weight,
+        y,
+        rows,
+        n_out,
+        n_in,
+        x.stride(0),
+        weight.stride(0),
+        y.stride(0),
+        BLOCK_M=16 if use_dot else 1,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        EVEN_K=n_in % block_k == 0,
+        USE_DOT=use_dot,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    return y

@@ -97,6 +97,50 @@ def test_paged_decode_reads_the_cache_in_place_like_the_gather(
     assert (empty == 0).all()
 
 
+def test_decode_attention_of_a_row_depends_only_on_its_own_keys() -> None:
+    """Bit for bit: a row alone or among others, its block table cut to its blocks or padded wide (as in
+    the fixed shapes CUDA graphs replay), so graph replays and eager steps sample the same tokens."""
+    g = torch.Generator().manual_seed(5)
+    block_size, heads, head_dim = 4, 2, 16
+    k_cache, v_cache = (
+        torch.randn(64 * block_size, heads, head_dim, generator=g).to(DEVICE) for _ in range(2)
+    )
+    tables = torch.randperm(64, generator=g)[:60].view(2, 30).to(DEVICE)
+    lens = torch.tensor([117, 9], device=DEVICE)  # two pieces and a partial one; a single piece
+    q = torch.randn(2, heads, head_dim, generator=g).to(DEVICE)
+    both = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
+    wide = torch.cat([tables, tables.new_zeros(2, 50)], dim=1)
+    padded = triton_ops.paged_decode_attention(q, k_cache, v_cache, wide, lens, block_size)
+    alone = triton_ops.paged_decode_attention(q[:1], k_cache, v_cache, tables[:1, :30], lens[:1], block_size)
+    assert torch.equal(padded, both)
+    assert torch.equal(alone, both[:1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_skinny_matmul_matches_linear(dtype: torch.dtype, rows: int) -> None:
+    """Every launch setting skinny_settings can pick, on inputs whose width is and is not a whole number
+    of BLOCK_K (the masked tail), and output widths that leave a partial block."""
+    g = torch.Generator().manual_seed(6)
+    for n_out, n_in in ((40, 1024), (1000, 96), (72, 1100)):
+        x = torch.randn(rows, n_in, generator=g).to(DEVICE, dtype)
+        weight = torch.randn(n_out, n_in, generator=g).to(DEVICE, dtype)
+        ref = (x.double() @ weight.double().t()).to(dtype)
+        settings = triton_ops.skinny_settings(rows, n_out, n_in) or (32, 256, 4, 3)
+        ours = triton_ops.skinny_matmul(x, weight, settings)
+        assert ours.shape == (rows, n_out) and ours.dtype == dtype
+        tol = 1e-4 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(ours.float(), ref.float(), atol=tol * n_in**0.5, rtol=tol)
+
+
+def test_skinny_settings_leave_batches_to_cublas_except_the_wide_lm_head() -> None:
+    assert triton_ops.skinny_settings(1, 4096, 4096) is not None
+    assert triton_ops.skinny_settings(1, 12288, 4096) is not None
+    assert triton_ops.skinny_settings(4, 4096, 11008) is None
+    assert triton_ops.skinny_settings(4, 49954, 4096) is not None
+    assert triton_ops.skinny_settings(17, 49954, 4096) is None
+
+
 def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoModel) -> None:
     """Prefill, chunked prefill and decode, both adapters and the base in one batch."""
     core = EngineCore(engine_config(demo, device=DEVICE.type, max_num_batched_tokens=24, enforce_eager=True))
