@@ -207,7 +207,7 @@ def _decode_sdpa(
     # The query heads that share a KV head go in as that head's queries ([B, Hkv, group, D]): one query
     # per sequence, so they all see the same keys, and SDPA needs no GQA expansion (a fifth faster).
     grouped = q.view(b, num_kv_heads, heads // num_kv_heads, head_dim)
-    return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).view(b, heads, head_dim)
+    return F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask).reshape(b, heads, head_dim)
 
 
 def key_mask(lens: torch.Tensor, num_keys: int) -> torch.Tensor:
