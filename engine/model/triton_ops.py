@@ -194,14 +194,6 @@ def rotary_store(
     return qk
 
 
-# Decode attention splits each sequence's keys into pieces of SPLIT_LEN positions, one program per
-# (sequence, query head, piece), so that a short batch still spreads over the multiprocessors; a second
-# kernel merges the pieces. A row's result depends only on its own length, never on the batch or on how
-# wide the block table is, so fixed-shape (graph) steps and eager steps agree bit for bit.
-SPLIT_LEN = 64
-_MERGE_CHUNK = 32
-
-
 @triton.jit
 def _paged_decode_kernel(
     q_ptr,
@@ -209,94 +201,43 @@ def _paged_decode_kernel(
     v_cache_ptr,
     tables_ptr,
     lens_ptr,
-    part_acc_ptr,
-    part_ml_ptr,
+    out_ptr,
     table_stride,
     scale,
     num_heads,
     num_kv_heads,
-    num_splits,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLIT: tl.constexpr,
 ):
-    """One program per (sequence, query head, piece of SPLIT positions): online softmax over the piece's
-    keys, read in place from their cache slots, BLOCK_N positions at a time. Writes the piece's
-    unnormalised sum and its (max, denominator); a piece past the sequence's end writes nothing."""
+    """One program per (sequence, query head): online softmax over the sequence's keys, read in place
+    from their cache slots, BLOCK_N positions at a time."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    split = tl.program_id(2)
     kv_head = head // (num_heads // num_kv_heads)
     dims = tl.arange(0, HEAD_DIM)
     q = tl.load(q_ptr + (seq * num_heads + head) * HEAD_DIM + dims).to(tl.float32) * scale
     context_len = tl.load(lens_ptr + seq)
-    begin = split * SPLIT
-    end = tl.minimum(context_len, begin + SPLIT)
     offsets = tl.arange(0, BLOCK_N)
     m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
     l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
     acc = tl.zeros([HEAD_DIM], tl.float32)
-    for start in range(begin, end, BLOCK_N):
+    for start in range(0, context_len, BLOCK_N):
         pos = start + offsets
-        valid = pos < end
+        valid = pos < context_len
         block = tl.load(tables_ptr + seq * table_stride + pos // BLOCK_SIZE, mask=valid, other=0)
         slot = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
         where = (slot * num_kv_heads + kv_head)[:, None] * HEAD_DIM + dims[None, :]
         k = tl.load(k_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
-        v = tl.load(v_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
         scores = tl.where(valid, tl.sum(k * q[None, :], 1), float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, 0))
         p = tl.exp(scores - m_new)
         alpha = tl.exp(m_i - m_new)
+        v = tl.load(v_cache_ptr + where, mask=valid[:, None], other=0.0).to(tl.float32)
         acc = acc * alpha + tl.sum(p[:, None] * v, 0)
         l_i = l_i * alpha + tl.sum(p, 0)
         m_i = m_new
-    piece = (seq * num_heads + head) * num_splits + split
-    tl.store(part_acc_ptr + piece * HEAD_DIM + dims, acc, mask=dims * 0 + begin < context_len)
-    pair = tl.arange(0, 2)
-    tl.store(
-        part_ml_ptr + piece * 2 + pair, tl.where(pair == 0, m_i, l_i), mask=pair * 0 + begin < context_len
-    )
-
-
-@triton.jit
-def _merge_pieces_kernel(
-    part_acc_ptr,
-    part_ml_ptr,
-    lens_ptr,
-    out_ptr,
-    num_heads,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    SPLIT: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    """One program per (sequence, query head): merges the sequence's pieces, CHUNK at a time (a fixed
-    shape, so the order of additions depends only on the sequence's length)."""
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    dims = tl.arange(0, HEAD_DIM)
-    pieces = tl.cdiv(tl.load(lens_ptr + seq), SPLIT)
-    base = (seq * num_heads + head) * num_splits
-    m_run = tl.max(tl.full([CHUNK], float("-inf"), tl.float32), 0)
-    l_run = tl.sum(tl.zeros([CHUNK], tl.float32), 0)
-    acc = tl.zeros([HEAD_DIM], tl.float32)
-    for first in range(0, pieces, CHUNK):
-        index = first + tl.arange(0, CHUNK)
-        inside = index < pieces
-        m = tl.load(part_ml_ptr + (base + index) * 2, mask=inside, other=float("-inf"))
-        l_piece = tl.load(part_ml_ptr + (base + index) * 2 + 1, mask=inside, other=0.0)
-        part = tl.load(
-            part_acc_ptr + (base + index)[:, None] * HEAD_DIM + dims[None, :], mask=inside[:, None], other=0.0
-        )
-        m_new = tl.maximum(m_run, tl.max(m, 0))
-        weight = tl.where(inside, tl.exp(m - m_new), 0.0)
-        alpha = tl.exp(m_run - m_new)
-        acc = acc * alpha + tl.sum(part * weight[:, None], 0)
-        l_run = l_run * alpha + tl.sum(l_piece * weight, 0)
-        m_run = m_new
-    out = acc / tl.where(l_run > 0, l_run, 1.0)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)
     tl.store(out_ptr + (seq * num_heads + head) * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
 
@@ -312,39 +253,21 @@ def paged_decode_attention(
     [B, nb]; context_lens [B] (the query's own key included) -> [B, H, D]. A row of length 0 gives zeros."""
     batch, num_heads, head_dim = q.shape
     assert q.is_contiguous() and k_cache.is_contiguous() and block_tables.stride(1) == 1
-    num_splits = max(1, triton.cdiv(block_tables.shape[1] * block_size, SPLIT_LEN))
-    part_acc = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    part_ml = torch.empty(batch, num_heads, num_splits, 2, dtype=torch.float32, device=q.device)
-    _paged_decode_kernel[(batch, num_heads, num_splits)](
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(batch, num_heads)](
         q,
         k_cache,
         v_cache,
         block_tables,
         context_lens,
-        part_acc,
-        part_ml,
+        out,
         block_tables.stride(0),
         head_dim**-0.5,
         num_heads,
         k_cache.shape[1],
-        num_splits,
         BLOCK_SIZE=block_size,
         HEAD_DIM=head_dim,
-        BLOCK_N=min(64, SPLIT_LEN),
-        SPLIT=SPLIT_LEN,
-        num_warps=4,
-    )
-    out = torch.empty_like(q)
-    _merge_pieces_kernel[(batch, num_heads)](
-        part_acc,
-        part_ml,
-        context_lens,
-        out,
-        num_heads,
-        num_splits,
-        HEAD_DIM=head_dim,
-        SPLIT=SPLIT_LEN,
-        CHUNK=_MERGE_CHUNK,
+        BLOCK_N=64,
         num_warps=4,
     )
     return out

@@ -106,7 +106,7 @@ def test_decode_attention_of_a_row_depends_only_on_its_own_keys() -> None:
         torch.randn(64 * block_size, heads, head_dim, generator=g).to(DEVICE) for _ in range(2)
     )
     tables = torch.randperm(64, generator=g)[:60].view(2, 30).to(DEVICE)
-    lens = torch.tensor([117, 9], device=DEVICE)  # two pieces and a partial one; a single piece
+    lens = torch.tensor([117, 9], device=DEVICE)
     q = torch.randn(2, heads, head_dim, generator=g).to(DEVICE)
     both = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
     wide = torch.cat([tables, tables.new_zeros(2, 50)], dim=1)
