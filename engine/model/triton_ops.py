@@ -1,5 +1,6 @@
-"""Triton kernels for the CUDA path: each replaces several small torch launches, and decode attention reads
-the paged KV cache in place instead of gathering it.
+"""Triton kernels for the CUDA path: each replaces several small torch launches, decode attention reads
+the paged KV cache in place instead of gathering it, and a skinny matmul reads a one-row step's weights
+faster than cuBLAS does.
 
 Every kernel computes in float32 and rounds where the torch path rounds (HF LLaMA's order of operations),
 so norm, rotary and SwiGLU give the torch ops' results; attention accumulates in float32. (Triton's CPU
