@@ -65,6 +65,7 @@ _GUARD_QUESTION = "孩子咳嗽一周了，夜里加重，怎么办？"
 _GUARD_LOGPROBS = SamplingParams.MAX_LOGPROBS
 _BASE = "base"
 _MIXED = "mixed 50/50"
+_TRITON_LORA = ", Triton LoRA"
 _OURS = "chatmed engine"
 _HF = "transformers generate"
 
@@ -811,18 +812,42 @@ def eager_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, dea
         core.runner.graphs = graphs
 
 
-def cublas_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
-    """The same batch-1 decode with every matmul on cuBLAS instead of the Triton skinny kernel: what that
-    kernel saves. Fresh graphs are captured for it; the engine's own come back afterwards."""
+@contextmanager
+def ops_variant(core: EngineCore, **settings: bool) -> Iterator[None]:
+    """The engine with some of its ops' settings changed (TritonOps.skinny, .triton_lora), on freshly
+    captured decode graphs; the settings and the engine's own graphs come back afterwards."""
     ops, graphs = core.runner.model.ops, core.runner.graphs
-    ops.skinny = False
+    saved = {name: getattr(ops, name) for name in settings}
+    for name, value in settings.items():
+        setattr(ops, name, value)
     try:
         if graphs is not None:
             core.runner.use_fixed_decode(graphs.buckets[-1], core.max_model_len, graphs.capture)
-        return decode_row(core, work, steps, floor, deadline, f"{work.adapter or _BASE}, cuBLAS matmuls")
+        yield
     finally:
-        ops.skinny = True
+        for name, value in saved.items():
+            setattr(ops, name, value)
         core.runner.graphs = graphs
+
+
+def cublas_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
+    """The same batch-1 decode with every matmul on cuBLAS instead of the Triton skinny kernel: what that
+    kernel saves."""
+    with ops_variant(core, skinny=False):
+        return decode_row(core, work, steps, floor, deadline, f"{work.adapter or _BASE}, cuBLAS matmuls")
+
+
+def triton_lora_row(
+    core: EngineCore, works: Sequence[Work], setup: str, max_tokens: int, floor: Floor, deadline: float
+) -> Row:
+    """A batch with the stacked LoRA on the Triton kernels (TritonOps.triton_lora): batch 1 as decode_row,
+    larger batches warmed up for 8 tokens, then timed as throughput_row."""
+    label = f"{setup}{_TRITON_LORA}"
+    with ops_variant(core, triton_lora=True):
+        if len(works) == 1:
+            return decode_row(core, works[0], max_tokens, floor, deadline, label)
+        run_engine(core, works, 8, deadline, f"warm-{len(works)}-triton-lora")
+        return throughput_row(core, works, label, max_tokens, floor, deadline)
 
 
 def engine_path(core: EngineCore) -> str:
@@ -910,10 +935,18 @@ def engine_rows(
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
-    if getattr(core.runner.model.ops, "skinny", False):
+    kernels = hasattr(core.runner.model.ops, "triton_lora")  # the Triton ops: their variants get rows
+    if kernels:
         row = budget.run(
             "decode step, batch 1, base, cuBLAS matmuls",
             partial(cublas_decode_row, core, Work(prompts[0], None), cfg.decode_steps, floor, deadline),
+            reserve_s=reserve_s,
+        )
+        rows += [row] if row is not None else []
+        work = Work(prompts[0], names[-1])
+        row = budget.run(
+            f"decode step, batch 1, {names[-1]}{_TRITON_LORA}",
+            partial(triton_lora_row, core, [work], names[-1], cfg.decode_steps, floor, deadline),
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
@@ -935,6 +968,14 @@ def engine_rows(
             row = budget.run(
                 f"throughput, {c} concurrent, {setup}",
                 partial(throughput_row, core, works, setup, cfg.max_tokens, floor, deadline),
+                estimate_s=lower_bound_s,
+                reserve_s=reserve_s,
+            )
+            rows += [row] if row is not None else []
+        if kernels:
+            row = budget.run(
+                f"throughput, {c} concurrent, {_MIXED}{_TRITON_LORA}",
+                partial(triton_lora_row, core, setups[0][1], _MIXED, cfg.max_tokens, floor, deadline),
                 estimate_s=lower_bound_s,
                 reserve_s=reserve_s,
             )
@@ -1170,6 +1211,8 @@ def render(result: BenchResult) -> str:
         *NOTES,
     ]
     lines += [f"mixed / base at {c}: {format_ratio(r)}" for c, r in mixed_over_base(result.rows).items()]
+    with_kernels = mixed_over_base(result.rows, _MIXED + _TRITON_LORA)
+    lines += [f"mixed{_TRITON_LORA} / base at {c}: {format_ratio(r)}" for c, r in with_kernels.items()]
     if result.decode_profile:
         where = "device" if cfg.device.startswith("cuda") else "CPU"
         lines += ["", f"batch-1 base decode step without CUDA graphs, by self {where} time (torch.profiler):"]
@@ -1223,10 +1266,14 @@ def _cells(row: Row) -> list[Cell]:
     ]
 
 
-def mixed_over_base(rows: Sequence[Row]) -> dict[int, float]:
-    """Our mixed-adapter throughput over base-only at each batch size measured both ways."""
+def mixed_over_base(rows: Sequence[Row], mixed_setup: str = _MIXED) -> dict[int, float]:
+    """Our mixed-adapter throughput (`mixed_setup`) over base-only at each batch size measured both ways."""
     ours = {(r.setup, r.batch): r.out_tok_s for r in rows if r.system == _OURS and r.batch > 1}
-    return {b: ours[(_MIXED, b)] / ours[(_BASE, b)] for (s, b) in ours if s == _MIXED and (_BASE, b) in ours}
+    return {
+        b: ours[(mixed_setup, b)] / ours[(_BASE, b)]
+        for (s, b) in ours
+        if s == mixed_setup and (_BASE, b) in ours
+    }
 
 
 def _version(package: str) -> str:
@@ -1263,6 +1310,9 @@ def payload(result: BenchResult) -> dict[str, Any]:
         "guard": asdict(result.guard) if result.guard is not None else None,
         "rows": rows,
         "mixed_over_base": {str(b): r for b, r in mixed_over_base(result.rows).items()},
+        "mixed_triton_lora_over_base": {
+            str(b): r for b, r in mixed_over_base(result.rows, _MIXED + _TRITON_LORA).items()
+        },
         "decode_profile": [asdict(op) for op in result.decode_profile],
         "phases": [asdict(p) for p in result.phases],
         "total_s": result.total_s,

@@ -172,7 +172,10 @@ class DecodeGraphs:
             decode_is_all=True,
             prefills=[],
         )
-        lora = StackedLora(stacked, v[_LORA] if need_mask else None, self.model.lm_head.dtype)
+        ops = self.model.ops
+        lora = StackedLora(
+            stacked, v[_LORA] if need_mask else None, self.model.lm_head.dtype, ops.lora_kernels
+        )
         hidden = self.model(v[_IDS], v[_POSITIONS], self.kv, attn, lora)
         return self.model.compute_logits(hidden)
 

@@ -12,6 +12,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -182,15 +183,24 @@ class StackedAdapters:
 class StackedLora(LoraBatch):
     """Fixed shapes for CUDA graphs: one pair of matmuls per projection covers every adapter of the step
     (StackedAdapters); a [T, sum r] mask keeps each row's own adapter's columns. With `row_adapter` None
-    every row that matters uses the one adapter and no mask is needed."""
+    every row that matters uses the one adapter and no mask is needed.
+
+    With `kernels` (triton_ops, when the ops enable them) each projection is two launches, a shrink and
+    an expand that applies the mask and adds in place, instead of cuBLAS's two or three plus the mask."""
 
     def __init__(
-        self, stacked: StackedAdapters, row_adapter: torch.Tensor | None, dtype: torch.dtype
+        self,
+        stacked: StackedAdapters,
+        row_adapter: torch.Tensor | None,
+        dtype: torch.dtype,
+        kernels: Any = None,
     ) -> None:
         self.stacked = stacked
+        self.kernels = kernels
+        self.row_adapter = row_adapter
         # One mask per distinct column pattern, made once per step and shared by the layers.
         self.masks: dict[tuple[int, ...], torch.Tensor] | None = None
-        if row_adapter is not None:
+        if row_adapter is not None and kernels is None:
             self.masks = {
                 p: (row_adapter[:, None] == ids[None, :]).to(dtype) for p, ids in stacked.owner_ids.items()
             }
@@ -199,12 +209,19 @@ class StackedLora(LoraBatch):
         if not self.stacked.weights:  # no adapter in the step
             return
         pair = self.stacked.weights[layer].get(fused)
-        if pair is not None:
-            a, b_t = pair
-            low = x @ a.t()
-            if self.masks is not None:
-                low = low * self.masks[self.stacked.owners[layer][fused]]
-            y.addmm_(low, b_t)
+        if pair is None:
+            return
+        a, b_t = pair
+        if self.kernels is not None:
+            owners = None
+            if self.row_adapter is not None:
+                owners = self.stacked.owner_ids[self.stacked.owners[layer][fused]]
+            self.kernels.lora_expand_(y, self.kernels.lora_shrink(x, a), b_t, self.row_adapter, owners)
+            return
+        low = x @ a.t()
+        if self.masks is not None:
+            low = low * self.masks[self.stacked.owners[layer][fused]]
+        y.addmm_(low, b_t)
 
 
 def _linear_lora(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,8 @@ class TorchOps:
     # Whether decode attention reads only each sequence's own blocks whatever the table's width, which
     # fixed-shape (CUDA graph) decode steps rely on.
     reads_in_place = False
+    # Kernels for the fixed-shape steps' stacked LoRA (lora_shrink, lora_expand_), or None: torch matmuls.
+    lora_kernels: Any = None
 
     def pack(self, weights: Iterable[torch.Tensor]) -> None:
         """Prepare the projection weights `linear` will be called with (nothing to do here)."""
@@ -137,6 +140,14 @@ class TritonOps(TorchOps):
         from engine.model import triton_ops
 
         self.k = triton_ops
+
+    @property
+    def lora_kernels(self) -> Any:
+        """The stacked LoRA's Triton kernels when `triton_lora` is set. Off by default: they have been
+        checked against the torch matmuls, not yet timed against them on a GPU (bench.gpu does both)."""
+        return self.k if self.triton_lora else None
+
+    triton_lora = False
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.skinny and x.stride(1) == 1 and weight.stride(1) == 1:

@@ -378,3 +378,144 @@ def skinny_matmul(
         num_stages=num_stages,
     )
     return y
+
+
+@triton.jit
+def _lora_shrink_kernel(
+    x_ptr,
+    a_ptr,
+    low_ptr,
+    rows,
+    rank,
+    n_in,
+    x_stride,
+    a_stride,
+    low_stride,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """low [rows, rank] = x [rows, n_in] @ a [rank, n_in]^T, BLOCK_M rows per program."""
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rs = tl.arange(0, BLOCK_R)
+    ks = tl.arange(0, BLOCK_K)
+    row_ok, rank_ok = ms < rows, rs < rank
+    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
+    for k0 in range(0, n_in, BLOCK_K):
+        kk = k0 + ks
+        k_ok = kk < n_in
+        x = tl.load(
+            x_ptr + ms[:, None] * x_stride + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        a = tl.load(
+            a_ptr + rs[:, None] * a_stride + kk[None, :], mask=rank_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        acc += tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision=PRECISION)
+    tl.store(
+        low_ptr + ms[:, None] * low_stride + rs[None, :],
+        acc.to(low_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & rank_ok[None, :],
+    )
+
+
+@triton.jit
+def _lora_expand_kernel(
+    y_ptr,
+    low_ptr,
+    b_t_ptr,
+    row_adapter_ptr,
+    owner_ptr,
+    rows,
+    n_out,
+    rank,
+    y_stride,
+    low_stride,
+    b_t_stride,
+    MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """y [rows, n_out] += (low [rows, rank] kept where the row's adapter owns the rank column, if MASKED)
+    @ b_t [rank, n_out], summed in float32 and rounded once, as addmm does."""
+    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rs = tl.arange(0, BLOCK_R)
+    row_ok, col_ok, rank_ok = ms < rows, ns < n_out, rs < rank
+    low = tl.load(
+        low_ptr + ms[:, None] * low_stride + rs[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0
+    ).to(tl.float32)
+    if MASKED:
+        adapter = tl.load(row_adapter_ptr + ms, mask=row_ok, other=-1)
+        owner = tl.load(owner_ptr + rs, mask=rank_ok, other=-2)
+        low = tl.where(adapter[:, None] == owner[None, :], low, 0.0)
+    b_t = tl.load(
+        b_t_ptr + rs[:, None] * b_t_stride + ns[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0
+    )
+    delta = tl.dot(low, b_t.to(tl.float32), input_precision=PRECISION)
+    where = y_ptr + ms[:, None] * y_stride + ns[None, :]
+    inside = row_ok[:, None] & col_ok[None, :]
+    y = tl.load(where, mask=inside, other=0.0)
+    tl.store(where, (y.to(tl.float32) + delta).to(y.dtype), mask=inside)
+
+
+def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ a [r, in]^T -> [M, r] in x's dtype, in one launch."""
+    rows, n_in = x.shape
+    rank = a.shape[0]
+    assert a.shape[1] == n_in and x.stride(1) == 1 and a.stride(1) == 1
+    low = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
+    _lora_shrink_kernel[(triton.cdiv(rows, 16),)](
+        x,
+        a,
+        low,
+        rows,
+        rank,
+        n_in,
+        x.stride(0),
+        a.stride(0),
+        low.stride(0),
+        BLOCK_M=16,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_K=128,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )
+    return low
+
+
+def lora_expand_(
+    y: torch.Tensor,
+    low: torch.Tensor,
+    b_t: torch.Tensor,
+    row_adapter: torch.Tensor | None = None,
+    owners: torch.Tensor | None = None,
+) -> None:
+    """y [M, out] += low [M, r] @ b_t [r, out] in place, in one launch; with `row_adapter` [M] and
+    `owners` [r], a row keeps only the rank columns its adapter owns (the mask of StackedLora)."""
+    rows, n_out = y.shape
+    rank = low.shape[1]
+    assert b_t.shape == (rank, n_out) and y.stride(1) == 1 and low.stride(1) == 1 and b_t.stride(1) == 1
+    masked = row_adapter is not None and owners is not None
+    block_n = 64
+    _lora_expand_kernel[(triton.cdiv(rows, 16), triton.cdiv(n_out, block_n))](
+        y,
+        low,
+        b_t,
+        row_adapter if masked else low,
+        owners if masked else low,
+        rows,
+        n_out,
+        rank,
+        y.stride(0),
+        low.stride(0),
+        b_t.stride(0),
+        MASKED=masked,
+        BLOCK_M=16,
+        BLOCK_N=block_n,
+        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+        num_warps=4,
+    )

@@ -21,10 +21,12 @@ import torch
 from bench.gpu import (
     SHARD_BYTES,
     Budget,
+    Floor,
     HFModel,
     ModelShape,
     build_model,
     check_guard,
+    cublas_decode_row,
     get_preset,
     guard_reference,
     guard_variants,
@@ -33,6 +35,7 @@ from bench.gpu import (
     make_prompts,
     mixed,
     plan_shards,
+    triton_lora_row,
 )
 from engine import EngineConfig, EngineCore
 from engine.demo import DEMO_ADAPTERS, LORA_TARGET_MODULES
@@ -180,6 +183,39 @@ def test_sharded_checkpoint_loads_in_transformers_and_the_engine(tmp_path: Path)
     core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=32))
     guard = check_guard(core, ref, variants, atol=1e-3)
     assert guard.passed, guard
+
+
+def test_kernel_variant_rows_run_and_give_the_engine_back(workdir: Path) -> None:
+    """The rows that time the Triton ops' variants (cuBLAS matmuls, Triton LoRA) run on their own fresh
+    fixed-shape graphs (here, on the CPU, under Triton's interpreter, without capture) and leave the
+    engine's settings and graphs as they were."""
+    pytest.importorskip("triton")
+    from engine.model.ops import TritonOps
+
+    shape = get_preset("tiny").shape
+    built = build_model(shape, "float32", torch.device("cpu"), workdir, seed=0)
+    core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64))
+    core.runner.model.ops = ops = TritonOps()
+    core.runner.use_fixed_decode(8, core.max_model_len, capture=False)
+    graphs = core.runner.graphs
+    floor = Floor(shape, 4, 10.0, dict(DEMO_ADAPTERS))
+    prompts = make_prompts(4, 12, 4000, seed=1)
+    works = mixed(prompts, [name for name, _ in DEMO_ADAPTERS])
+    deadline = math.inf
+    rows = [
+        cublas_decode_row(core, works[0], 4, floor, deadline),
+        triton_lora_row(core, works[1:2], "chatmed-tcm", 4, floor, deadline),
+        triton_lora_row(core, works, "mixed 50/50", 4, floor, deadline),
+    ]
+    assert [r.setup for r in rows] == [
+        "chatmed-consult, cuBLAS matmuls",
+        "chatmed-tcm, Triton LoRA",
+        "mixed 50/50, Triton LoRA",
+    ]
+    assert [r.batch for r in rows] == [1, 1, 4]
+    assert all(r.output_tokens > 0 and r.step_ms > 0 for r in rows)
+    assert ops.skinny and not ops.triton_lora and core.runner.graphs is graphs
+    assert core.allocator.num_free == core.allocator.num_blocks
 
 
 def test_shard_plan_keeps_order_and_limit() -> None:

@@ -98,23 +98,28 @@ def test_cuda_greedy_tokens_equal_transformers_generate(demo: DemoModel, adapter
     assert core.runner.model.ops.name == "triton"
 
 
-def test_stacked_lora_gives_each_row_its_own_adapter_whatever_the_targets() -> None:
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_stacked_lora_gives_each_row_its_own_adapter_whatever_the_targets(kernels: str) -> None:
     """Two adapters with different ranks and targets side by side, rows of each and of the base mixed:
-    every row gets exactly its own adapter's delta (or none)."""
+    every row gets exactly its own adapter's delta (or none), by torch matmuls and a mask or by the
+    Triton shrink and masked expand (on the GPU when there is one, else under Triton's interpreter)."""
     g = torch.Generator().manual_seed(5)
+    triton_ops = pytest.importorskip("engine.model.triton_ops") if kernels == "triton" else None
+    device = torch.device("cuda" if triton_ops is not None and torch.cuda.is_available() else "cpu")
 
     def pair(rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.randn(rank, d_in, generator=g), torch.randn(rank, d_out, generator=g)
+        a, b_t = torch.randn(rank, d_in, generator=g), torch.randn(rank, d_out, generator=g)
+        return a.to(device), b_t.to(device)
 
     first = [{"qkv": pair(3, 8, 12), "down": pair(2, 8, 8)}, {"o": pair(3, 8, 8)}]
     second = [{"qkv": pair(5, 8, 12)}, {"o": pair(4, 8, 8), "down": pair(4, 8, 8)}]
-    row_adapter = torch.tensor([1, -1, 0, 0, 1, -1])
-    x = torch.randn(6, 8, generator=g)
-    stacked = StackedAdapters.stack([first, second], torch.device("cpu"))
-    lora = StackedLora(stacked, row_adapter, torch.float32)
+    row_adapter = torch.tensor([1, -1, 0, 0, 1, -1], device=device)
+    x = torch.randn(6, 8, generator=g).to(device)
+    stacked = StackedAdapters.stack([first, second], device)
+    lora = StackedLora(stacked, row_adapter, torch.float32, triton_ops)
     for layer in range(2):
         for fused, width in (("qkv", 12), ("o", 8), ("down", 8)):
-            y = torch.zeros(6, width)
+            y = torch.zeros(6, width, device=device)
             lora.add_delta(y, x, layer, fused)
             for row, which in enumerate(row_adapter.tolist()):
                 weights = {0: first, 1: second}.get(which)
@@ -137,3 +142,25 @@ def test_old_entries_and_their_stacked_weights_are_let_go(demo: DemoModel, eager
         assert len(runner.graphs.entries) <= 2
         live = {tuple(id(a) for a in e.adapters) for e in runner.graphs.entries.values()}
         assert set(runner.graphs.stacks) <= live
+
+
+def test_fixed_decode_with_the_triton_lora_gives_the_ordinary_tokens(
+    demo: DemoModel, eager: EngineCore
+) -> None:
+    """The Triton ops with their stacked-LoRA kernels on, decode steps through the fixed buffers (replayed
+    as CUDA graphs on a GPU), against the ordinary path on the torch ops: mixed adapters and the base."""
+    pytest.importorskip("triton")
+    from engine.model.ops import TritonOps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    fixed = EngineCore(engine_config(demo, device=device, enforce_eager=True))
+    ops = TritonOps()
+    ops.triton_lora = True
+    fixed.runner.model.ops = ops
+    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=device == "cuda")
+    prompts = _prompts(fixed)
+    assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == _tokens(
+        eager.generate(prompts, GREEDY, ADAPTERS)
+    )
+    graphs = fixed.runner.graphs
+    assert graphs is not None and graphs.entries
