@@ -132,14 +132,15 @@ class TritonOps(TorchOps):
 
     name = "triton"
     reads_in_place = True
-    # Matmuls of a few rows (decode steps of small batches) stream the weight through
-    # triton_ops.skinny_matmul where it beats cuBLAS (triton_ops.skinny_settings); False: cuBLAS always.
-    skinny = True
 
     def __init__(self) -> None:
         from engine.model import triton_ops
 
         self.k = triton_ops
+        # Matmuls of a few rows (decode steps of small batches) stream the weight through
+        # triton_ops.skinny_matmul where it beat cuBLAS on an H200 (triton_ops.skinny_settings); False
+        # (or CHATMED_DISABLE_SKINNY_MATMUL=1, for a card where it does not): cuBLAS always.
+        self.skinny = os.environ.get("CHATMED_DISABLE_SKINNY_MATMUL") != "1"
 
     @property
     def lora_kernels(self) -> Any:

@@ -133,6 +133,18 @@ def test_skinny_matmul_matches_linear(dtype: torch.dtype, rows: int) -> None:
         torch.testing.assert_close(ours.float(), ref.float(), atol=tol * n_in**0.5, rtol=tol)
 
 
+def test_skinny_matmul_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    x, weight = torch.randn(1, 64).to(DEVICE), torch.randn(32, 64).to(DEVICE)
+    calls: list[int] = []
+    monkeypatch.setattr(triton_ops, "skinny_matmul", lambda *args: calls.append(1) or args[0] @ args[1].t())
+    TritonOps().linear(x, weight)
+    assert calls == [1]
+    monkeypatch.setenv("CHATMED_DISABLE_SKINNY_MATMUL", "1")
+    ops = TritonOps()
+    torch.testing.assert_close(ops.linear(x, weight), x @ weight.t())
+    assert not ops.skinny and calls == [1]
+
+
 def test_skinny_settings_leave_batches_to_cublas_except_the_wide_lm_head() -> None:
     assert triton_ops.skinny_settings(1, 4096, 4096) is not None
     assert triton_ops.skinny_settings(1, 12288, 4096) is not None
