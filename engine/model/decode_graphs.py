@@ -85,6 +85,9 @@ class DecodeGraphs:
         self.tables = torch.zeros(rows, self.width, dtype=torch.long, device=device)
         self.host_vectors = torch.zeros(5 * rows, dtype=torch.long, pin_memory=pin)
         self.host_tables = torch.zeros(rows, self.width, dtype=torch.long, pin_memory=pin)
+        # Recorded after each step's copies: the next step waits on it before rewriting the host side, in
+        # case a step failed before anything waited for its device work.
+        self.copied = torch.cuda.Event() if pin else None
         self.entries: OrderedDict[GraphKey, _Entry] = OrderedDict()
         self.stacks: dict[tuple[int, ...], StackedAdapters] = {}  # by the adapters' ids
         self.pool: Any = None  # the graphs' shared memory pool
@@ -155,10 +158,14 @@ class DecodeGraphs:
         cols = max(len(t) for t in tables)
         # Columns past a row's own blocks keep stale ids: attention reads only the first `len` positions.
         padded = [t + [self.pad_block] * (cols - len(t)) for t in tables]
+        if self.copied is not None:
+            self.copied.synchronize()
         self.host_vectors[: 5 * bucket] = torch.tensor(ids + positions + slots + lens + lora)
         self.host_tables[:bucket, :cols] = torch.tensor(padded)
         self.vectors[: 5 * bucket].copy_(self.host_vectors[: 5 * bucket], non_blocking=True)
         self.tables[:bucket].copy_(self.host_tables[:bucket], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
 
     def _forward(self, bucket: int, stacked: StackedAdapters, need_mask: bool) -> torch.Tensor:
         """The fixed-shape step on buffers [:bucket]: logits [bucket, vocab]."""

@@ -341,7 +341,7 @@ def skinny_settings(rows: int, n_out: int, n_in: int) -> tuple[int, int, int, in
     reads 3.3-4.4 TB/s where cuBLAS reads 2.6-4.0; at 2-16 rows it wins only on the wide LM head."""
     if rows == 1:
         return (16, 1024, 8, 2) if n_out <= n_in else (16, 512, 4, 2)
-    if rows <= 16 and n_out >= 8 * n_in:
+    if 2 <= rows <= 16 and n_out >= 8 * n_in:
         return (64, 256, 4, 3)
     return None
 
@@ -352,7 +352,7 @@ def skinny_matmul(
     """x [M, in] @ weight [out, in]^T for M <= 16, accumulated in float32, rounded once to x's dtype."""
     rows, n_in = x.shape
     n_out = weight.shape[0]
-    assert rows <= 16 and weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1
+    assert 1 <= rows <= 16 and weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1
     use_dot = rows > 1
     block_n, block_k, num_warps, num_stages = (
         settings or skinny_settings(rows, n_out, n_in) or (32, 256, 4, 3)
@@ -467,6 +467,9 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     rank = a.shape[0]
     assert a.shape[1] == n_in and x.stride(1) == 1 and a.stride(1) == 1
     low = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return low
+    block_r = max(16, triton.next_power_of_2(rank))
     _lora_shrink_kernel[(triton.cdiv(rows, 16),)](
         x,
         a,
@@ -478,10 +481,11 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         a.stride(0),
         low.stride(0),
         BLOCK_M=16,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
-        BLOCK_K=128,
+        BLOCK_R=block_r,
+        BLOCK_K=min(128, 8192 // block_r),  # the A tile stays at most 8192 values, whatever the ranks
         PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=4,
+        num_stages=2,
     )
     return low
 
@@ -499,7 +503,10 @@ def lora_expand_(
     rank = low.shape[1]
     assert b_t.shape == (rank, n_out) and y.stride(1) == 1 and low.stride(1) == 1 and b_t.stride(1) == 1
     masked = row_adapter is not None and owners is not None
-    block_n = 64
+    if rows == 0:
+        return
+    block_r = max(16, triton.next_power_of_2(rank))
+    block_n = 64 if block_r <= 64 else 32
     _lora_expand_kernel[(triton.cdiv(rows, 16), triton.cdiv(n_out, block_n))](
         y,
         low,
@@ -515,7 +522,7 @@ def lora_expand_(
         MASKED=masked,
         BLOCK_M=16,
         BLOCK_N=block_n,
-        BLOCK_R=max(16, triton.next_power_of_2(rank)),
+        BLOCK_R=block_r,
         PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
         num_warps=4,
     )

@@ -185,7 +185,9 @@ def test_sharded_checkpoint_loads_in_transformers_and_the_engine(tmp_path: Path)
     assert guard.passed, guard
 
 
-def test_kernel_variant_rows_run_and_give_the_engine_back(workdir: Path) -> None:
+def test_kernel_variant_rows_run_and_give_the_engine_back(
+    workdir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The rows that time the Triton ops' variants (cuBLAS matmuls, Triton LoRA) run on their own fresh
     fixed-shape graphs (here, on the CPU, under Triton's interpreter, without capture) and leave the
     engine's settings and graphs as they were."""
@@ -202,11 +204,22 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(workdir: Path) -> None
     prompts = make_prompts(4, 12, 4000, seed=1)
     works = mixed(prompts, [name for name, _ in DEMO_ADAPTERS])
     deadline = math.inf
-    rows = [
-        cublas_decode_row(core, works[0], 4, floor, deadline),
-        triton_lora_row(core, works[1:2], "chatmed-tcm", 4, floor, deadline),
-        triton_lora_row(core, works, "mixed 50/50", 4, floor, deadline),
-    ]
+    from engine.model import triton_ops
+
+    calls = {"skinny": 0, "shrink": 0}
+    for name, key in (("skinny_matmul", "skinny"), ("lora_shrink", "shrink")):
+        original = getattr(triton_ops, name)
+
+        def counted(*args: Any, _original: Any = original, _key: str = key) -> Any:
+            calls[_key] += 1
+            return _original(*args)
+
+        monkeypatch.setattr(triton_ops, name, counted)
+    rows = [cublas_decode_row(core, works[0], 4, floor, deadline)]
+    assert calls == {"skinny": 0, "shrink": 0}  # every matmul on torch, the LoRA by torch matmuls
+    rows.append(triton_lora_row(core, works[1:2], "chatmed-tcm", 4, floor, deadline))
+    assert calls["skinny"] > 0 and calls["shrink"] > 0
+    rows.append(triton_lora_row(core, works, "mixed 50/50", 4, floor, deadline))
     assert [r.setup for r in rows] == [
         "chatmed-consult, cuBLAS matmuls",
         "chatmed-tcm, Triton LoRA",

@@ -145,12 +145,19 @@ def test_skinny_matmul_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> Non
     assert not ops.skinny and calls == [1]
 
 
+def test_linear_of_no_rows_gives_an_empty_result() -> None:
+    """A step where no row samples asks the LM head for logits of zero rows."""
+    out = TritonOps().linear(torch.randn(0, 64).to(DEVICE), torch.randn(1024, 64).to(DEVICE))
+    assert out.shape == (0, 1024)
+
+
 def test_skinny_settings_leave_batches_to_cublas_except_the_wide_lm_head() -> None:
     assert triton_ops.skinny_settings(1, 4096, 4096) is not None
     assert triton_ops.skinny_settings(1, 12288, 4096) is not None
     assert triton_ops.skinny_settings(4, 4096, 11008) is None
     assert triton_ops.skinny_settings(4, 49954, 4096) is not None
     assert triton_ops.skinny_settings(17, 49954, 4096) is None
+    assert triton_ops.skinny_settings(0, 49954, 4096) is None
 
 
 def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoModel) -> None:
