@@ -337,10 +337,17 @@ def _skinny_matmul_kernel(
 def skinny_settings(rows: int, n_out: int, n_in: int) -> tuple[int, int, int, int] | None:
     """(BLOCK_N, BLOCK_K, warps, stages) for skinny_matmul, or None where cuBLAS is as fast or faster.
 
-    Chosen from one H200 sweep over LLaMA-7B's projections (bench/README.md): at one row the kernel
-    reads 3.3-4.4 TB/s where cuBLAS reads 2.6-4.0; at 2-16 rows it wins only on the wide LM head."""
+    From one H200 sweep over LLaMA-7B's projections (bench/README.md): at one row each shape's fastest
+    setting, by its width ratio (o and down, q/k/v, gate/up, the LM head), where the kernel read 3.3-4.4
+    TB/s and cuBLAS 2.6-4.0; at 2-16 rows it won only on the wide LM head."""
     if rows == 1:
-        return (16, 1024, 8, 2) if n_out <= n_in else (16, 512, 4, 2)
+        if n_out <= n_in:
+            return (16, 1024, 8, 2)
+        if n_out <= 3 * n_in:
+            return (16, 256, 4, 2)
+        if n_out < 8 * n_in:
+            return (8, 512, 4, 2)
+        return (16, 512, 4, 2)
     if 2 <= rows <= 16 and n_out >= 8 * n_in:
         return (64, 256, 4, 3)
     return None

@@ -122,7 +122,7 @@ def test_skinny_matmul_matches_linear(dtype: torch.dtype, rows: int) -> None:
     """Every launch setting skinny_settings can pick, on inputs whose width is and is not a whole number
     of BLOCK_K (the masked tail), and output widths that leave a partial block."""
     g = torch.Generator().manual_seed(6)
-    for n_out, n_in in ((40, 1024), (1000, 96), (72, 1100)):
+    for n_out, n_in in ((40, 1024), (1000, 96), (72, 1100), (200, 96), (500, 96)):
         x = torch.randn(rows, n_in, generator=g).to(DEVICE, dtype)
         weight = torch.randn(n_out, n_in, generator=g).to(DEVICE, dtype)
         ref = (x.double() @ weight.double().t()).to(dtype)
