@@ -142,13 +142,13 @@ class TritonOps(TorchOps):
         # (or CHATMED_DISABLE_SKINNY_MATMUL=1, for a card where it does not): cuBLAS always.
         self.skinny = os.environ.get("CHATMED_DISABLE_SKINNY_MATMUL") != "1"
 
+    triton_lora = False  # see lora_kernels
+
     @property
     def lora_kernels(self) -> Any:
         """The stacked LoRA's Triton kernels when `triton_lora` is set. Off by default: they have been
         checked against the torch matmuls, not yet timed against them on a GPU (bench.gpu does both)."""
         return self.k if self.triton_lora else None
-
-    triton_lora = False
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.skinny and x.stride(1) == 1 and weight.stride(1) == 1:

@@ -274,6 +274,17 @@ def paged_decode_attention(
     return out
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input precision for values widened to float32: bf16/fp16 fit tf32's mantissa exactly, so
+    tf32 loses nothing; float32 inputs keep full precision."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _rank_block(rank: int) -> int:
+    """The LoRA kernels' block over the rank: a power of two, at least tl.dot's 16."""
+    return max(16, triton.next_power_of_2(rank))
+
+
 @triton.jit
 def _skinny_matmul_kernel(
     x_ptr,
@@ -314,7 +325,6 @@ def _skinny_matmul_kernel(
                 x_ptr + ms[:, None] * x_stride + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
             )
             w = tl.load(w_base + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            # bf16/fp16 widen exactly into tf32's mantissa; float32 inputs keep full precision.
             acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), input_precision=PRECISION)
         out = acc.to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + ms[:, None] * y_stride + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
@@ -353,17 +363,14 @@ def skinny_settings(rows: int, n_out: int, n_in: int) -> tuple[int, int, int, in
     return None
 
 
-def skinny_matmul(
-    x: torch.Tensor, weight: torch.Tensor, settings: tuple[int, int, int, int] | None = None
-) -> torch.Tensor:
-    """x [M, in] @ weight [out, in]^T for M <= 16, accumulated in float32, rounded once to x's dtype."""
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, settings: tuple[int, int, int, int]) -> torch.Tensor:
+    """x [M, in] @ weight [out, in]^T for M <= 16, accumulated in float32, rounded once to x's dtype;
+    `settings` as skinny_settings gives them."""
     rows, n_in = x.shape
     n_out = weight.shape[0]
     assert 1 <= rows <= 16 and weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1
     use_dot = rows > 1
-    block_n, block_k, num_warps, num_stages = (
-        settings or skinny_settings(rows, n_out, n_in) or (32, 256, 4, 3)
-    )
+    block_n, block_k, num_warps, num_stages = settings
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
     _skinny_matmul_kernel[(triton.cdiv(n_out, block_n),)](
         x,
@@ -380,7 +387,7 @@ def skinny_matmul(
         BLOCK_K=block_k,
         EVEN_K=n_in % block_k == 0,
         USE_DOT=use_dot,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION=_dot_precision(x.dtype),
         num_warps=num_warps,
         num_stages=num_stages,
     )
@@ -476,7 +483,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     low = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
     if rows == 0:
         return low
-    block_r = max(16, triton.next_power_of_2(rank))
+    block_r = _rank_block(rank)
     _lora_shrink_kernel[(triton.cdiv(rows, 16),)](
         x,
         a,
@@ -490,7 +497,7 @@ def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
         BLOCK_M=16,
         BLOCK_R=block_r,
         BLOCK_K=min(128, 8192 // block_r),  # the A tile stays at most 8192 values, whatever the ranks
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        PRECISION=_dot_precision(x.dtype),
         num_warps=4,
         num_stages=2,
     )
@@ -512,7 +519,7 @@ def lora_expand_(
     masked = row_adapter is not None and owners is not None
     if rows == 0:
         return
-    block_r = max(16, triton.next_power_of_2(rank))
+    block_r = _rank_block(rank)
     block_n = 64 if block_r <= 64 else 32
     _lora_expand_kernel[(triton.cdiv(rows, 16), triton.cdiv(n_out, block_n))](
         y,
@@ -530,6 +537,6 @@ def lora_expand_(
         BLOCK_M=16,
         BLOCK_N=block_n,
         BLOCK_R=block_r,
-        PRECISION="ieee" if y.dtype == torch.float32 else "tf32",
+        PRECISION=_dot_precision(y.dtype),
         num_warps=4,
     )
