@@ -65,7 +65,7 @@ _GUARD_QUESTION = "孩子咳嗽一周了，夜里加重，怎么办？"
 _GUARD_LOGPROBS = SamplingParams.MAX_LOGPROBS
 _BASE = "base"
 _MIXED = "mixed 50/50"
-_TRITON_LORA = ", Triton LoRA"
+_CUBLAS_LORA = ", cuBLAS LoRA"
 _OURS = "chatmed engine"
 _HF = "transformers generate"
 
@@ -814,7 +814,7 @@ def eager_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, dea
 
 @contextmanager
 def ops_variant(core: EngineCore, **settings: bool) -> Iterator[None]:
-    """The engine with some of its ops' settings changed (TritonOps.skinny, .triton_lora), on freshly
+    """The engine with some of its ops' settings changed (TritonOps.skinny, .lora_rows), on freshly
     captured decode graphs; the settings and the engine's own graphs come back afterwards."""
     ops, graphs = core.runner.model.ops, core.runner.graphs
     saved = {name: getattr(ops, name) for name in settings}
@@ -822,7 +822,9 @@ def ops_variant(core: EngineCore, **settings: bool) -> Iterator[None]:
         setattr(ops, name, value)
     try:
         if graphs is not None:
-            core.runner.use_fixed_decode(graphs.buckets[-1], core.max_model_len, graphs.capture)
+            core.runner.use_fixed_decode(
+                graphs.buckets[-1], core.max_model_len, graphs.capture, lora_units=graphs.lora_units
+            )
         yield
     finally:
         for name, value in saved.items():
@@ -837,16 +839,17 @@ def cublas_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, de
         return decode_row(core, work, steps, floor, deadline, f"{work.adapter or _BASE}, cuBLAS matmuls")
 
 
-def triton_lora_row(
+def cublas_lora_row(
     core: EngineCore, works: Sequence[Work], setup: str, max_tokens: int, floor: Floor, deadline: float
 ) -> Row:
-    """A batch with the stacked LoRA on the Triton kernels (TritonOps.triton_lora): batch 1 as decode_row,
-    larger batches warmed up for 8 tokens, then timed as throughput_row."""
-    label = f"{setup}{_TRITON_LORA}"
-    with ops_variant(core, triton_lora=True):
+    """A batch with the adapters stacked for torch matmuls (a shrink, a mask and an addmm per projection)
+    instead of the Triton ops' LoRA rows (TritonOps.lora_rows off): batch 1 as decode_row, larger batches
+    warmed up for 8 tokens, then timed as throughput_row."""
+    label = f"{setup}{_CUBLAS_LORA}"
+    with ops_variant(core, lora_rows=False):
         if len(works) == 1:
             return decode_row(core, works[0], max_tokens, floor, deadline, label)
-        run_engine(core, works, 8, deadline, f"warm-{len(works)}-triton-lora")
+        run_engine(core, works, 8, deadline, f"warm-{len(works)}-cublas-lora")
         return throughput_row(core, works, label, max_tokens, floor, deadline)
 
 
@@ -935,7 +938,7 @@ def engine_rows(
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
-    kernels = hasattr(core.runner.model.ops, "triton_lora")  # the Triton ops: their variants get rows
+    kernels = hasattr(core.runner.model.ops, "lora_rows")  # the Triton ops: their variants get rows
     if kernels:
         row = budget.run(
             "decode step, batch 1, base, cuBLAS matmuls",
@@ -945,8 +948,8 @@ def engine_rows(
         rows += [row] if row is not None else []
         work = Work(prompts[0], names[-1])
         row = budget.run(
-            f"decode step, batch 1, {names[-1]}{_TRITON_LORA}",
-            partial(triton_lora_row, core, [work], names[-1], cfg.decode_steps, floor, deadline),
+            f"decode step, batch 1, {names[-1]}{_CUBLAS_LORA}",
+            partial(cublas_lora_row, core, [work], names[-1], cfg.decode_steps, floor, deadline),
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
@@ -974,8 +977,8 @@ def engine_rows(
             rows += [row] if row is not None else []
         if kernels:
             row = budget.run(
-                f"throughput, {c} concurrent, {_MIXED}{_TRITON_LORA}",
-                partial(triton_lora_row, core, setups[0][1], _MIXED, cfg.max_tokens, floor, deadline),
+                f"throughput, {c} concurrent, {_MIXED}{_CUBLAS_LORA}",
+                partial(cublas_lora_row, core, setups[0][1], _MIXED, cfg.max_tokens, floor, deadline),
                 estimate_s=lower_bound_s,
                 reserve_s=reserve_s,
             )
@@ -1211,8 +1214,8 @@ def render(result: BenchResult) -> str:
         *NOTES,
     ]
     lines += [f"mixed / base at {c}: {format_ratio(r)}" for c, r in mixed_over_base(result.rows).items()]
-    with_kernels = mixed_over_base(result.rows, _MIXED + _TRITON_LORA)
-    lines += [f"mixed{_TRITON_LORA} / base at {c}: {format_ratio(r)}" for c, r in with_kernels.items()]
+    on_cublas = mixed_over_base(result.rows, _MIXED + _CUBLAS_LORA)
+    lines += [f"mixed{_CUBLAS_LORA} / base at {c}: {format_ratio(r)}" for c, r in on_cublas.items()]
     if result.decode_profile:
         where = "device" if cfg.device.startswith("cuda") else "CPU"
         lines += ["", f"batch-1 base decode step without CUDA graphs, by self {where} time (torch.profiler):"]
@@ -1310,8 +1313,8 @@ def payload(result: BenchResult) -> dict[str, Any]:
         "guard": asdict(result.guard) if result.guard is not None else None,
         "rows": rows,
         "mixed_over_base": {str(b): r for b, r in mixed_over_base(result.rows).items()},
-        "mixed_triton_lora_over_base": {
-            str(b): r for b, r in mixed_over_base(result.rows, _MIXED + _TRITON_LORA).items()
+        "mixed_cublas_lora_over_base": {
+            str(b): r for b, r in mixed_over_base(result.rows, _MIXED + _CUBLAS_LORA).items()
         },
         "decode_profile": [asdict(op) for op in result.decode_profile],
         "phases": [asdict(p) for p in result.phases],

@@ -75,8 +75,11 @@ class EngineCore:
         # One block more than the allocator hands out: the padding rows of fixed-shape decode steps.
         kv = KVCache(shape, num_blocks + 1, self.dtype, self.device)
         self.runner = ModelRunner(model, kv, config.block_size, self.device)
+        self.lora_units = config.max_loras * config.max_lora_rank  # the rank resident adapters may hold
         if self.device.type == "cuda" and model.ops.reads_in_place and not config.enforce_eager:
-            self.runner.use_fixed_decode(config.max_num_seqs, self.max_model_len, capture=True)
+            self.runner.use_fixed_decode(
+                config.max_num_seqs, self.max_model_len, capture=True, lora_units=self.lora_units
+            )
         self.sampler = Sampler(a.vocab_size, self.tokenizer.eos_token_id, self.device)
         self.requests: dict[str, _Request] = {}
         self.failed: list[tuple[str, Exception]] = []  # requests that failed in the last steps; caller drains

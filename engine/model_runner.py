@@ -42,9 +42,14 @@ class ModelRunner:
         self._position_bytes = cache[0].numel() * cache.element_size()
         self.workspace_budget = int(WORKSPACE_SHARE * 2 * len(kv.keys) * cache.numel() * cache.element_size())
 
-    def use_fixed_decode(self, max_batch: int, max_model_len: int, capture: bool) -> None:
-        """Run decode-only steps through fixed buffers; `capture` replays them as CUDA graphs."""
-        self.graphs = DecodeGraphs(self.model, self.kv, self.block_size, max_batch, max_model_len, capture)
+    def use_fixed_decode(
+        self, max_batch: int, max_model_len: int, capture: bool, lora_units: int = 0
+    ) -> None:
+        """Run decode-only steps through fixed buffers; `capture` replays them as CUDA graphs. `lora_units`:
+        max_loras x max_lora_rank (see DecodeGraphs)."""
+        self.graphs = DecodeGraphs(
+            self.model, self.kv, self.block_size, max_batch, max_model_len, capture, lora_units=lora_units
+        )
 
     @torch.inference_mode()
     def run(self, items: list[ScheduledSeq], loras: LoraSlots) -> torch.Tensor:

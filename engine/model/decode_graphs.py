@@ -25,7 +25,8 @@ import torch
 from engine.kv_cache import KVCache
 from engine.lora import LoraAdapter, LoraSlots
 from engine.model.attention import AttentionBatch
-from engine.model.llama import Llama, StackedAdapters, StackedLora
+from engine.model.llama import Llama, LoraBatch, StackedAdapters, StackedLora
+from engine.model.lora_rows import LoraRows, RowsLora, RowsStack
 from engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class _Entry:
     graph: torch.cuda.CUDAGraph | None
     logits: torch.Tensor | None  # the graph's output buffer [bucket, vocab]
     adapters: tuple[LoraAdapter, ...]
-    stacked: StackedAdapters  # the graph reads these tensors: kept alive with it
+    stacked: StackedAdapters | RowsStack  # the graph reads these tensors: kept alive with it
 
 
 class DecodeGraphs:
@@ -65,7 +66,11 @@ class DecodeGraphs:
         max_model_len: int,
         capture: bool,
         max_graphs: int = 96,
+        lora_units: int = 0,
     ) -> None:
+        """`lora_units`: max_loras x max_lora_rank, the rank the steps' adapters may hold at once. With
+        the Triton ops' LoRA kernels, their A's go under the weights (LoraRows) to ride on the base
+        matmuls; else the adapters are stacked for torch matmuls (StackedLora)."""
         self.model = model
         self.kv = kv
         self.block_size = block_size
@@ -89,7 +94,10 @@ class DecodeGraphs:
         # case a step failed before anything waited for its device work.
         self.copied = torch.cuda.Event() if pin else None
         self.entries: OrderedDict[GraphKey, _Entry] = OrderedDict()
-        self.stacks: dict[tuple[int, ...], StackedAdapters] = {}  # by the adapters' ids
+        self.stacks: dict[tuple[int, ...], StackedAdapters | RowsStack] = {}  # by the adapters' ids
+        self.lora_units = lora_units
+        use_rows = model.ops.lora_kernels is not None and lora_units > 0
+        self.rows = LoraRows.attach(model, lora_units) if use_rows else None
         self.pool: Any = None  # the graphs' shared memory pool
         self.lora_version = -1
         self.num_captured = 0
@@ -116,7 +124,7 @@ class DecodeGraphs:
         if entry is None:
             stacked = self.stacks.get(ids)
             if stacked is None:
-                stacked = StackedAdapters.stack([a.weights for a in adapters], self.vectors.device)
+                stacked = self._stack(adapters)
                 self.stacks[ids] = stacked
             entry = _Entry(None, None, adapters, stacked)
             if self.capture:
@@ -167,7 +175,12 @@ class DecodeGraphs:
         if self.copied is not None:
             self.copied.record()
 
-    def _forward(self, bucket: int, stacked: StackedAdapters, need_mask: bool) -> torch.Tensor:
+    def _stack(self, adapters: tuple[LoraAdapter, ...]) -> StackedAdapters | RowsStack:
+        if self.rows is not None:
+            return self.rows.stack(list(adapters), self.vectors.device)
+        return StackedAdapters.stack([a.weights for a in adapters], self.vectors.device)
+
+    def _forward(self, bucket: int, stacked: StackedAdapters | RowsStack, need_mask: bool) -> torch.Tensor:
         """The fixed-shape step on buffers [:bucket]: logits [bucket, vocab]."""
         v = self.vectors[: 5 * bucket].view(5, bucket)
         attn = AttentionBatch(
@@ -180,14 +193,18 @@ class DecodeGraphs:
             prefills=[],
         )
         ops = self.model.ops
-        lora = StackedLora(
-            stacked, v[_LORA] if need_mask else None, self.model.lm_head.dtype, ops.lora_kernels
-        )
+        row_adapter = v[_LORA] if need_mask else None
+        lora: LoraBatch
+        if isinstance(stacked, RowsStack):
+            assert self.rows is not None
+            lora = RowsLora(self.rows, stacked, row_adapter, ops.lora_kernels)
+        else:
+            lora = StackedLora(stacked, row_adapter, self.model.lm_head.dtype)
         hidden = self.model(v[_IDS], v[_POSITIONS], self.kv, attn, lora)
         return self.model.compute_logits(hidden)
 
     def _capture(
-        self, bucket: int, stacked: StackedAdapters, need_mask: bool
+        self, bucket: int, stacked: StackedAdapters | RowsStack, need_mask: bool
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Warm up on a side stream (Triton compiles, cuBLAS picks its kernels), then capture. Running
         the step again on replay is harmless: it writes the same keys and values to the same slots."""
@@ -212,3 +229,7 @@ class DecodeGraphs:
             del self.entries[key]
         self.stacks = {ids: s for ids, s in self.stacks.items() if all(i in resident for i in ids)}
         self.lora_version = loras.version
+        if self.rows is not None and self.rows.place(list(loras.resident.values())):
+            # Adapters moved within the rows: every graph and stack with an adapter read the old ones.
+            self.entries = OrderedDict((k, e) for k, e in self.entries.items() if not e.adapters)
+            self.stacks = {}

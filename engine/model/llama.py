@@ -123,6 +123,14 @@ class LoraBatch:
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
         raise NotImplementedError
 
+    def linear(
+        self, x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, ops: TorchOps
+    ) -> torch.Tensor:
+        """y = x W^T plus the adapters' low-rank deltas."""
+        y = ops.linear(x, weight)
+        self.add_delta(y, x, layer, fused)
+        return y
+
 
 class SegmentLora(LoraBatch):
     """Tokens grouped by adapter into contiguous segments. With `plan` (the CPU kernel, every segment's
@@ -181,26 +189,18 @@ class StackedAdapters:
 
 
 class StackedLora(LoraBatch):
-    """Fixed shapes for CUDA graphs: one pair of matmuls per projection covers every adapter of the step
-    (StackedAdapters); a [T, sum r] mask keeps each row's own adapter's columns. With `row_adapter` None
-    every row that matters uses the one adapter and no mask is needed.
-
-    With `kernels` (triton_ops, when the ops enable them) each projection is two launches, a shrink and
-    an expand that applies the mask and adds in place, instead of cuBLAS's two or three plus the mask."""
+    """Fixed shapes for CUDA graphs on the torch ops: one pair of matmuls per projection covers every
+    adapter of the step (StackedAdapters); a [T, sum r] mask keeps each row's own adapter's columns. With
+    `row_adapter` None every row that matters uses the one adapter and no mask is needed. (The Triton ops
+    use lora_rows.RowsLora instead.)"""
 
     def __init__(
-        self,
-        stacked: StackedAdapters,
-        row_adapter: torch.Tensor | None,
-        dtype: torch.dtype,
-        kernels: Any = None,
+        self, stacked: StackedAdapters, row_adapter: torch.Tensor | None, dtype: torch.dtype
     ) -> None:
         self.stacked = stacked
-        self.kernels = kernels
-        self.row_adapter = row_adapter
         # One mask per distinct column pattern, made once per step and shared by the layers.
         self.masks: dict[tuple[int, ...], torch.Tensor] | None = None
-        if row_adapter is not None and kernels is None:
+        if row_adapter is not None:
             self.masks = {
                 p: (row_adapter[:, None] == ids[None, :]).to(dtype) for p, ids in stacked.owner_ids.items()
             }
@@ -212,25 +212,10 @@ class StackedLora(LoraBatch):
         if pair is None:
             return
         a, b_t = pair
-        if self.kernels is not None:
-            owners = None
-            if self.row_adapter is not None:
-                owners = self.stacked.owner_ids[self.stacked.owners[layer][fused]]
-            self.kernels.lora_expand_(y, self.kernels.lora_shrink(x, a), b_t, self.row_adapter, owners)
-            return
         low = x @ a.t()
         if self.masks is not None:
             low = low * self.masks[self.stacked.owners[layer][fused]]
         y.addmm_(low, b_t)
-
-
-def _linear_lora(
-    x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, lora: LoraBatch, ops: TorchOps
-) -> torch.Tensor:
-    """y = x W^T plus the adapters' low-rank deltas."""
-    y = ops.linear(x, weight)
-    lora.add_delta(y, x, layer, fused)
-    return y
 
 
 class RMSNorm(nn.Module):
@@ -294,15 +279,15 @@ class Block(nn.Module):
             h = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps)
         else:
             x, h = ops.add_rms_norm(x, delta, self.attn_norm.weight, self.attn_norm.eps)
-        qkv = _linear_lora(h, self.qkv, self.layer, "qkv", lora, ops)
+        qkv = lora.linear(h, self.qkv, self.layer, "qkv", ops)
         keys, values = kv.keys[self.layer], kv.values[self.layer]
         q, k, v = ops.rotary_store(qkv, *rope, keys, values, attn.slot_mapping, a.num_heads, a.num_kv_heads)
         o = paged_attention(q, k, v, keys, values, attn, ops.decode_attention, self.layer)  # [T, q_out]
         x, h = ops.add_rms_norm(
-            x, _linear_lora(o, self.o, self.layer, "o", lora, ops), self.mlp_norm.weight, self.mlp_norm.eps
+            x, lora.linear(o, self.o, self.layer, "o", ops), self.mlp_norm.weight, self.mlp_norm.eps
         )
-        gate_up = _linear_lora(h, self.gate_up, self.layer, "gate_up", lora, ops)
-        return x, _linear_lora(ops.silu_mul(gate_up), self.down, self.layer, "down", lora, ops)
+        gate_up = lora.linear(h, self.gate_up, self.layer, "gate_up", ops)
+        return x, lora.linear(ops.silu_mul(gate_up), self.down, self.layer, "down", ops)
 
 
 class Llama(nn.Module):
@@ -315,6 +300,9 @@ class Llama(nn.Module):
         self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         self.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
         self.ops: TorchOps = TorchOps()
+        self.lora_rows: Any = (
+            None  # lora_rows.LoraRows, once fixed-shape steps put adapters under the weights
+        )
         self.requires_grad_(False)
 
     def forward(

@@ -27,7 +27,7 @@ class TorchOps:
     # Whether decode attention reads only each sequence's own blocks whatever the table's width, which
     # fixed-shape (CUDA graph) decode steps rely on.
     reads_in_place = False
-    # Kernels for the fixed-shape steps' stacked LoRA (lora_shrink, lora_expand_), or None: torch matmuls.
+    # The Triton kernels of the fixed-shape steps' LoRA rows (lora_expand), or None: torch matmuls.
     lora_kernels: Any = None
 
     def pack(self, weights: Iterable[torch.Tensor]) -> None:
@@ -142,13 +142,13 @@ class TritonOps(TorchOps):
         # (or CHATMED_DISABLE_SKINNY_MATMUL=1, for a card where it does not): cuBLAS always.
         self.skinny = os.environ.get("CHATMED_DISABLE_SKINNY_MATMUL") != "1"
 
-    triton_lora = False  # see lora_kernels
+    # Fixed-shape steps put the adapters' A's under the weights (LoraRows), so that the base matmul also
+    # does the shrink, and add the deltas with triton_ops.lora_expand. Off: the torch stacked LoRA.
+    lora_rows = True
 
     @property
     def lora_kernels(self) -> Any:
-        """The stacked LoRA's Triton kernels when `triton_lora` is set. Off by default: they have been
-        checked against the torch matmuls, not yet timed against them on a GPU (bench.gpu does both)."""
-        return self.k if self.triton_lora else None
+        return self.k if self.lora_rows else None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         if self.skinny and x.stride(1) == 1 and weight.stride(1) == 1:

@@ -12,6 +12,8 @@ test suite checks them against the torch ops.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -395,47 +397,9 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, settings: tuple[int, in
 
 
 @triton.jit
-def _lora_shrink_kernel(
-    x_ptr,
-    a_ptr,
-    low_ptr,
-    rows,
-    rank,
-    n_in,
-    x_stride,
-    a_stride,
-    low_stride,
-    BLOCK_M: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """low [rows, rank] = x [rows, n_in] @ a [rank, n_in]^T, BLOCK_M rows per program."""
-    ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rs = tl.arange(0, BLOCK_R)
-    ks = tl.arange(0, BLOCK_K)
-    row_ok, rank_ok = ms < rows, rs < rank
-    acc = tl.zeros([BLOCK_M, BLOCK_R], tl.float32)
-    for k0 in range(0, n_in, BLOCK_K):
-        kk = k0 + ks
-        k_ok = kk < n_in
-        x = tl.load(
-            x_ptr + ms[:, None] * x_stride + kk[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        a = tl.load(
-            a_ptr + rs[:, None] * a_stride + kk[None, :], mask=rank_ok[:, None] & k_ok[None, :], other=0.0
-        )
-        acc += tl.dot(x.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision=PRECISION)
-    tl.store(
-        low_ptr + ms[:, None] * low_stride + rs[None, :],
-        acc.to(low_ptr.dtype.element_ty),
-        mask=row_ok[:, None] & rank_ok[None, :],
-    )
-
-
-@triton.jit
 def _lora_expand_kernel(
     y_ptr,
+    out_ptr,
     low_ptr,
     b_t_ptr,
     row_adapter_ptr,
@@ -444,85 +408,73 @@ def _lora_expand_kernel(
     n_out,
     rank,
     y_stride,
+    out_stride,
     low_stride,
     b_t_stride,
     MASKED: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """y [rows, n_out] += (low [rows, rank] kept where the row's adapter owns the rank column, if MASKED)
-    @ b_t [rank, n_out], summed in float32 and rounded once, as addmm does."""
+    """out [rows, n_out] = y + (low [rows, rank], kept where the row's adapter owns the rank column if
+    MASKED) @ b_t [rank, n_out]: the products summed in float32 and rounded once, as addmm does. WIDE
+    widens the inputs to float32 first (exact for bf16/fp16 under tf32)."""
     ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rs = tl.arange(0, BLOCK_R)
-    row_ok, col_ok, rank_ok = ms < rows, ns < n_out, rs < rank
-    low = tl.load(
-        low_ptr + ms[:, None] * low_stride + rs[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0
-    ).to(tl.float32)
+    row_ok, col_ok = ms < rows, ns < n_out
     if MASKED:
         adapter = tl.load(row_adapter_ptr + ms, mask=row_ok, other=-1)
-        owner = tl.load(owner_ptr + rs, mask=rank_ok, other=-2)
-        low = tl.where(adapter[:, None] == owner[None, :], low, 0.0)
-    b_t = tl.load(
-        b_t_ptr + rs[:, None] * b_t_stride + ns[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0
-    )
-    delta = tl.dot(low, b_t.to(tl.float32), input_precision=PRECISION)
-    where = y_ptr + ms[:, None] * y_stride + ns[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for r0 in range(0, rank, BLOCK_R):
+        rs = r0 + tl.arange(0, BLOCK_R)
+        rank_ok = rs < rank
+        low = tl.load(
+            low_ptr + ms[:, None] * low_stride + rs[None, :],
+            mask=row_ok[:, None] & rank_ok[None, :],
+            other=0.0,
+        )
+        if MASKED:
+            owner = tl.load(owner_ptr + rs, mask=rank_ok, other=-2)
+            low = tl.where(adapter[:, None] == owner[None, :], low, tl.zeros_like(low))
+        b_t = tl.load(
+            b_t_ptr + rs[:, None] * b_t_stride + ns[None, :],
+            mask=rank_ok[:, None] & col_ok[None, :],
+            other=0.0,
+        )
+        if WIDE:
+            acc += tl.dot(low.to(tl.float32), b_t.to(tl.float32), input_precision=PRECISION)
+        else:
+            acc += tl.dot(low, b_t)
     inside = row_ok[:, None] & col_ok[None, :]
-    y = tl.load(where, mask=inside, other=0.0)
-    tl.store(where, (y.to(tl.float32) + delta).to(y.dtype), mask=inside)
-
-
-def lora_shrink(x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """x [M, in] @ a [r, in]^T -> [M, r] in x's dtype, in one launch."""
-    rows, n_in = x.shape
-    rank = a.shape[0]
-    assert a.shape[1] == n_in and x.stride(1) == 1 and a.stride(1) == 1
-    low = torch.empty(rows, rank, dtype=x.dtype, device=x.device)
-    if rows == 0:
-        return low
-    block_r = _rank_block(rank)
-    _lora_shrink_kernel[(triton.cdiv(rows, 16),)](
-        x,
-        a,
-        low,
-        rows,
-        rank,
-        n_in,
-        x.stride(0),
-        a.stride(0),
-        low.stride(0),
-        BLOCK_M=16,
-        BLOCK_R=block_r,
-        BLOCK_K=min(128, 8192 // block_r),  # the A tile stays at most 8192 values, whatever the ranks
-        PRECISION=_dot_precision(x.dtype),
-        num_warps=4,
-        num_stages=2,
+    y = tl.load(y_ptr + ms[:, None] * y_stride + ns[None, :], mask=inside, other=0.0)
+    tl.store(
+        out_ptr + ms[:, None] * out_stride + ns[None, :], (y.to(tl.float32) + acc).to(y.dtype), mask=inside
     )
-    return low
 
 
-def lora_expand_(
+def lora_expand(
     y: torch.Tensor,
     low: torch.Tensor,
     b_t: torch.Tensor,
     row_adapter: torch.Tensor | None = None,
     owners: torch.Tensor | None = None,
-) -> None:
-    """y [M, out] += low [M, r] @ b_t [r, out] in place, in one launch; with `row_adapter` [M] and
-    `owners` [r], a row keeps only the rank columns its adapter owns (the mask of StackedLora)."""
+) -> torch.Tensor:
+    """y [M, out] + low [M, r] @ b_t [r, out] as a new contiguous tensor, in one launch; y and low may be
+    column ranges of one matmul's output (LoraRows). With `row_adapter` [M] and `owners` [r], a row keeps
+    only the rank columns its adapter owns."""
     rows, n_out = y.shape
     rank = low.shape[1]
     assert b_t.shape == (rank, n_out) and y.stride(1) == 1 and low.stride(1) == 1 and b_t.stride(1) == 1
-    masked = row_adapter is not None and owners is not None
+    out = torch.empty(rows, n_out, dtype=y.dtype, device=y.device)
     if rows == 0:
-        return
-    block_r = _rank_block(rank)
-    block_n = 64 if block_r <= 64 else 32
-    _lora_expand_kernel[(triton.cdiv(rows, 16), triton.cdiv(n_out, block_n))](
+        return out
+    masked = row_adapter is not None and owners is not None
+    block_m = 16 if rows <= 16 else 64
+    _lora_expand_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n_out, 64))](
         y,
+        out,
         low,
         b_t,
         row_adapter if masked else low,
@@ -531,12 +483,16 @@ def lora_expand_(
         n_out,
         rank,
         y.stride(0),
+        out.stride(0),
         low.stride(0),
         b_t.stride(0),
         MASKED=masked,
-        BLOCK_M=16,
-        BLOCK_N=block_n,
-        BLOCK_R=block_r,
+        # Triton's interpreter (the CPU tests) gets bf16 dots wrong; the GPU multiplies them natively.
+        WIDE=y.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_M=block_m,
+        BLOCK_N=64,
+        BLOCK_R=min(128, _rank_block(rank)),
         PRECISION=_dot_precision(y.dtype),
         num_warps=4,
     )
+    return out

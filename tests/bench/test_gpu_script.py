@@ -27,6 +27,7 @@ from bench.gpu import (
     build_model,
     check_guard,
     cublas_decode_row,
+    cublas_lora_row,
     get_preset,
     guard_reference,
     guard_variants,
@@ -35,7 +36,7 @@ from bench.gpu import (
     make_prompts,
     mixed,
     plan_shards,
-    triton_lora_row,
+    run_engine,
 )
 from engine import EngineConfig, EngineCore
 from engine.demo import DEMO_ADAPTERS, LORA_TARGET_MODULES
@@ -188,7 +189,7 @@ def test_sharded_checkpoint_loads_in_transformers_and_the_engine(tmp_path: Path)
 def test_kernel_variant_rows_run_and_give_the_engine_back(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rows that time the Triton ops' variants (cuBLAS matmuls, Triton LoRA) run on their own fresh
+    """The rows that time the Triton ops' variants (cuBLAS matmuls, cuBLAS LoRA) run on their own fresh
     fixed-shape graphs (here, on the CPU, under Triton's interpreter, without capture) and leave the
     engine's settings and graphs as they were."""
     pytest.importorskip("triton")
@@ -198,7 +199,7 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
     built = build_model(shape, "float32", torch.device("cpu"), workdir, seed=0)
     core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64))
     core.runner.model.ops = ops = TritonOps()
-    core.runner.use_fixed_decode(8, core.max_model_len, capture=False)
+    core.runner.use_fixed_decode(8, core.max_model_len, capture=False, lora_units=core.lora_units)
     graphs = core.runner.graphs
     floor = Floor(shape, 4, 10.0, dict(DEMO_ADAPTERS))
     prompts = make_prompts(4, 12, 4000, seed=1)
@@ -206,8 +207,8 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
     deadline = math.inf
     from engine.model import triton_ops
 
-    calls = {"skinny": 0, "shrink": 0}
-    for name, key in (("skinny_matmul", "skinny"), ("lora_shrink", "shrink")):
+    calls = {"skinny": 0, "expand": 0}
+    for name, key in (("skinny_matmul", "skinny"), ("lora_expand", "expand")):
         original = getattr(triton_ops, name)
 
         def counted(*args: Any, _original: Any = original, _key: str = key) -> Any:
@@ -216,18 +217,21 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
 
         monkeypatch.setattr(triton_ops, name, counted)
     rows = [cublas_decode_row(core, works[0], 4, floor, deadline)]
-    assert calls == {"skinny": 0, "shrink": 0}  # every matmul on torch, the LoRA by torch matmuls
-    rows.append(triton_lora_row(core, works[1:2], "chatmed-tcm", 4, floor, deadline))
-    assert calls["skinny"] > 0 and calls["shrink"] > 0
-    rows.append(triton_lora_row(core, works, "mixed 50/50", 4, floor, deadline))
+    assert calls["skinny"] == 0 and calls["expand"] > 0  # every matmul on torch, the LoRA rows kept
+    calls.update(skinny=0, expand=0)
+    rows.append(cublas_lora_row(core, works[1:2], "chatmed-tcm", 4, floor, deadline))
+    rows.append(cublas_lora_row(core, works, "mixed 50/50", 4, floor, deadline))
+    assert calls["skinny"] > 0 and calls["expand"] == 0  # the LoRA by torch matmuls
     assert [r.setup for r in rows] == [
         "chatmed-consult, cuBLAS matmuls",
-        "chatmed-tcm, Triton LoRA",
-        "mixed 50/50, Triton LoRA",
+        "chatmed-tcm, cuBLAS LoRA",
+        "mixed 50/50, cuBLAS LoRA",
     ]
     assert [r.batch for r in rows] == [1, 1, 4]
     assert all(r.output_tokens > 0 and r.step_ms > 0 for r in rows)
-    assert ops.skinny and not ops.triton_lora and core.runner.graphs is graphs
+    assert ops.skinny and ops.lora_rows and core.runner.graphs is graphs
+    run_engine(core, works, 4, deadline, "rows")  # the engine's own graphs again: the LoRA rows
+    assert calls["expand"] > 0
     assert core.allocator.num_free == core.allocator.num_blocks
 
 

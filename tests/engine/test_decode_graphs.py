@@ -3,16 +3,22 @@ eagerly through the same buffers; on a GPU (marked `gpu`) they are captured and 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from engine.core import EngineCore
 from engine.demo import DemoModel
+from engine.lora import LoraAdapter
 from engine.model.decode_graphs import DecodeGraphs, batch_buckets
-from engine.model.llama import StackedAdapters, StackedLora
+from engine.model.llama import FUSED, Llama, LlamaArgs, StackedAdapters, StackedLora
+from engine.model.lora_rows import LoraRows, RowsLora
+from engine.model.ops import TritonOps
 from engine.types import RequestOutput, SamplingParams
 from tests.conftest import engine_config, transformers_greedy
 
+LoraPair = tuple[torch.Tensor, torch.Tensor]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 QUESTIONS = (
     "问：头痛发热三天怎么办？\n答：",
@@ -98,34 +104,111 @@ def test_cuda_greedy_tokens_equal_transformers_generate(demo: DemoModel, adapter
     assert core.runner.model.ops.name == "triton"
 
 
-@pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_stacked_lora_gives_each_row_its_own_adapter_whatever_the_targets(kernels: str) -> None:
+def _adapter_pair(g: torch.Generator, device: torch.device, rank: int, d_in: int, d_out: int) -> LoraPair:
+    a, b_t = torch.randn(rank, d_in, generator=g), torch.randn(rank, d_out, generator=g)
+    return a.to(device), b_t.to(device)
+
+
+def _own_delta(weights: list | None, x: torch.Tensor, layer: int, fused: str, width: int) -> torch.Tensor:
+    pair = weights[layer].get(fused) if weights is not None else None
+    return torch.zeros(width, device=x.device) if pair is None else (x @ pair[0].t()) @ pair[1]
+
+
+def test_stacked_lora_gives_each_row_its_own_adapter_whatever_the_targets() -> None:
     """Two adapters with different ranks and targets side by side, rows of each and of the base mixed:
-    every row gets exactly its own adapter's delta (or none), by torch matmuls and a mask or by the
-    Triton shrink and masked expand (on the GPU when there is one, else under Triton's interpreter)."""
+    every row gets exactly its own adapter's delta (or none), by torch matmuls and a mask."""
     g = torch.Generator().manual_seed(5)
-    triton_ops = pytest.importorskip("engine.model.triton_ops") if kernels == "triton" else None
-    device = torch.device("cuda" if triton_ops is not None and torch.cuda.is_available() else "cpu")
-
-    def pair(rank: int, d_in: int, d_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        a, b_t = torch.randn(rank, d_in, generator=g), torch.randn(rank, d_out, generator=g)
-        return a.to(device), b_t.to(device)
-
-    first = [{"qkv": pair(3, 8, 12), "down": pair(2, 8, 8)}, {"o": pair(3, 8, 8)}]
-    second = [{"qkv": pair(5, 8, 12)}, {"o": pair(4, 8, 8), "down": pair(4, 8, 8)}]
-    row_adapter = torch.tensor([1, -1, 0, 0, 1, -1], device=device)
-    x = torch.randn(6, 8, generator=g).to(device)
-    stacked = StackedAdapters.stack([first, second], device)
-    lora = StackedLora(stacked, row_adapter, torch.float32, triton_ops)
+    device = torch.device("cpu")
+    first = [{"qkv": _adapter_pair(g, device, 3, 8, 12), "down": _adapter_pair(g, device, 2, 8, 8)}, {}]
+    second = [{"qkv": _adapter_pair(g, device, 5, 8, 12)}, {"down": _adapter_pair(g, device, 4, 8, 8)}]
+    row_adapter = torch.tensor([1, -1, 0, 0, 1, -1])
+    x = torch.randn(6, 8, generator=g)
+    lora = StackedLora(StackedAdapters.stack([first, second], device), row_adapter, torch.float32)
     for layer in range(2):
-        for fused, width in (("qkv", 12), ("o", 8), ("down", 8)):
-            y = torch.zeros(6, width, device=device)
+        for fused, width in (("qkv", 12), ("down", 8)):
+            y = torch.zeros(6, width)
             lora.add_delta(y, x, layer, fused)
             for row, which in enumerate(row_adapter.tolist()):
-                weights = {0: first, 1: second}.get(which)
-                pair_ = weights[layer].get(fused) if weights is not None else None
-                expected = torch.zeros(width) if pair_ is None else (x[row] @ pair_[0].t()) @ pair_[1]
+                expected = _own_delta({0: first, 1: second}.get(which), x[row], layer, fused, width)
                 torch.testing.assert_close(y[row], expected, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_llama(device: torch.device) -> Llama:
+    args = LlamaArgs(32, 8, 12, 2, 2, 1, 4, 10000.0, 1e-6, False, 32)  # q/k/v 8+4+4 rows, gate/up 24
+    model = Llama(args, 32)
+    g = torch.Generator().manual_seed(7)
+    for p in model.parameters():
+        p.data = torch.randn(p.shape, generator=g)
+    return model.to(device)
+
+
+def _lora_adapter(name: str, rank: int, weights: list) -> LoraAdapter:
+    return LoraAdapter(name, Path(name), rank, (), weights, [])
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_lora_rows_give_each_row_its_own_adapter_whatever_the_targets(masked: bool) -> None:
+    """The adapters' A's as rows under the weights (the Triton ops' fixed-shape LoRA, on the GPU when
+    there is one, else under Triton's interpreter): each row of x W^T gets exactly its own adapter's
+    delta, with rows of two adapters and the base mixed (masked) and with one adapter alone."""
+    triton_ops = pytest.importorskip("engine.model.triton_ops")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(5)
+    model = _tiny_llama(device)
+    weights = {f: getattr(model.layers[1], f).clone() for f in FUSED}
+    first = _lora_adapter(
+        "first", 3, [{"qkv": _adapter_pair(g, device, 6, 8, 16)}, {"o": _adapter_pair(g, device, 3, 8, 8)}]
+    )
+    second = _lora_adapter(
+        "second",
+        5,
+        [
+            {"qkv": _adapter_pair(g, device, 15, 8, 16)},
+            {"gate_up": _adapter_pair(g, device, 10, 8, 24), "down": _adapter_pair(g, device, 5, 12, 8)},
+        ],
+    )
+    rows = LoraRows(model, units=8)
+    assert not rows.place([first, second])
+    for fused in FUSED:  # the weights the model multiplies by are unchanged
+        assert torch.equal(getattr(model.layers[1], fused), weights[fused])
+    adapters = [second, first] if masked else [first]
+    row_adapter = torch.tensor([1, -1, 0, 0, 1, -1], device=device) if masked else None
+    lora = RowsLora(rows, rows.stack(adapters, device), row_adapter, triton_ops)
+    ops = TritonOps()
+    for layer in range(2):
+        for fused in FUSED:
+            weight = getattr(model.layers[layer], fused)
+            x = torch.randn(6, weight.shape[1], generator=g).to(device)
+            y = lora.linear(x, weight, layer, fused, ops)
+            assert y.is_contiguous() and y.shape == (6, weight.shape[0])
+            for row in range(6):
+                which = row_adapter[row].item() if row_adapter is not None else 0
+                own = adapters[which].weights if which >= 0 else None
+                expected = x[row] @ weight.t() + _own_delta(own, x[row], layer, fused, weight.shape[0])
+                torch.testing.assert_close(y[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_rows_keep_placements_and_lay_out_again_when_fragmented() -> None:
+    """Adapters keep their rows while others come and go; when no gap is wide enough every adapter is
+    written again, in order, and place() says so."""
+    device = torch.device("cpu")
+    g = torch.Generator().manual_seed(3)
+    model = _tiny_llama(device)
+    rows = LoraRows(model, units=10)
+
+    def adapter(name: str, rank: int) -> LoraAdapter:
+        return _lora_adapter(name, rank, [{"o": _adapter_pair(g, device, rank, 8, 8)}, {}])
+
+    a, b, c, d = adapter("a", 3), adapter("b", 2), adapter("c", 3), adapter("d", 4)
+    assert not rows.place([a, b, c])
+    assert [rows.start[id(x)] for x in (a, b, c)] == [0, 3, 5]
+    assert not rows.place([a, c])  # b leaves a gap of 2 at unit 3
+    assert rows.place([a, c, d])  # d needs 4 units: the gap 3..5 and the end 8..10 are too narrow
+    assert [rows.start[id(x)] for x in (a, c, d)] == [0, 3, 6]
+    buffer = rows.buffers[0]["o"]
+    for x in (a, c, d):
+        first = 8 + rows.start[id(x)]
+        assert torch.equal(buffer[first : first + x.rank], x.weights[0]["o"][0])
 
 
 def test_old_entries_and_their_stacked_weights_are_let_go(demo: DemoModel, eager: EngineCore) -> None:
@@ -144,23 +227,23 @@ def test_old_entries_and_their_stacked_weights_are_let_go(demo: DemoModel, eager
         assert set(runner.graphs.stacks) <= live
 
 
-def test_fixed_decode_with_the_triton_lora_gives_the_ordinary_tokens(
+def test_fixed_decode_with_the_lora_rows_gives_the_ordinary_tokens(
     demo: DemoModel, eager: EngineCore
 ) -> None:
-    """The Triton ops with their stacked-LoRA kernels on, decode steps through the fixed buffers (replayed
-    as CUDA graphs on a GPU), against the ordinary path on the torch ops: mixed adapters and the base."""
+    """The Triton ops with the adapters as rows under the weights, decode steps through the fixed buffers
+    (replayed as CUDA graphs on a GPU), against the ordinary path on the torch ops: mixed adapters and
+    the base."""
     pytest.importorskip("triton")
-    from engine.model.ops import TritonOps
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     fixed = EngineCore(engine_config(demo, device=device, enforce_eager=True))
-    ops = TritonOps()
-    ops.triton_lora = True
-    fixed.runner.model.ops = ops
-    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=device == "cuda")
+    fixed.runner.model.ops = TritonOps()
+    fixed.runner.use_fixed_decode(
+        16, fixed.max_model_len, capture=device == "cuda", lora_units=fixed.lora_units
+    )
     prompts = _prompts(fixed)
     assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == _tokens(
         eager.generate(prompts, GREEDY, ADAPTERS)
     )
     graphs = fixed.runner.graphs
-    assert graphs is not None and graphs.entries
+    assert graphs is not None and graphs.entries and graphs.rows is not None
