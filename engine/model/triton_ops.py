@@ -282,11 +282,6 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _rank_block(rank: int) -> int:
-    """The LoRA kernels' block over the rank: a power of two, at least tl.dot's 16."""
-    return max(16, triton.next_power_of_2(rank))
-
-
 @triton.jit
 def _skinny_matmul_kernel(
     x_ptr,
@@ -471,8 +466,11 @@ def lora_expand(
     if rows == 0:
         return out
     masked = row_adapter is not None and owners is not None
-    block_m = 16 if rows <= 16 else 64
-    _lora_expand_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n_out, 64))](
+    # From an H200 sweep over LLaMA-7B's stacked shapes at 1, 64 and 256 rows (bench/README.md): the rank
+    # in blocks of 32, taller and wider tiles for more rows and wider outputs.
+    block_m = 16 if rows <= 64 else 32
+    block_n = 64 if n_out <= 4096 else 128 if rows <= 64 else 256
+    _lora_expand_kernel[(triton.cdiv(rows, block_m), triton.cdiv(n_out, block_n))](
         y,
         out,
         low,
@@ -490,8 +488,8 @@ def lora_expand(
         # Triton's interpreter (the CPU tests) gets bf16 dots wrong; the GPU multiplies them natively.
         WIDE=y.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=block_m,
-        BLOCK_N=64,
-        BLOCK_R=min(128, _rank_block(rank)),
+        BLOCK_N=block_n,
+        BLOCK_R=32,
         PRECISION=_dot_precision(y.dtype),
         num_warps=4,
     )
