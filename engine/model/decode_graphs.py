@@ -98,6 +98,7 @@ class DecodeGraphs:
         self.lora_units = lora_units
         use_rows = model.ops.lora_kernels is not None and lora_units > 0
         self.rows = LoraRows.attach(model, lora_units) if use_rows else None
+        self.rows_layout = self.rows.layout if self.rows is not None else 0
         self.pool: Any = None  # the graphs' shared memory pool
         self.lora_version = -1
         self.num_captured = 0
@@ -229,7 +230,10 @@ class DecodeGraphs:
             del self.entries[key]
         self.stacks = {ids: s for ids, s in self.stacks.items() if all(i in resident for i in ids)}
         self.lora_version = loras.version
-        if self.rows is not None and self.rows.place(list(loras.resident.values())):
-            # Adapters moved within the rows: every graph and stack with an adapter read the old ones.
-            self.entries = OrderedDict((k, e) for k, e in self.entries.items() if not e.adapters)
-            self.stacks = {}
+        if self.rows is not None:
+            self.rows.place(list(loras.resident.values()))
+            if self.rows.layout != self.rows_layout:
+                # Adapters moved within the rows: every graph and stack with an adapter read old rows.
+                self.entries = OrderedDict((k, e) for k, e in self.entries.items() if not e.adapters)
+                self.stacks = {}
+                self.rows_layout = self.rows.layout

@@ -47,8 +47,9 @@ class LoraRows:
                 setattr(block, fused, nn.Parameter(rows[: weight.shape[0]], requires_grad=False))
                 layer[fused] = rows
             self.buffers.append(layer)
-        self.start: dict[int, int] = {}  # id(adapter) -> its first unit
-        self.ranks: dict[int, int] = {}
+        # id -> (adapter, its first unit). Holding the adapter keeps its id from passing to another.
+        self.placed: dict[int, tuple[LoraAdapter, int]] = {}
+        self.layout = 0  # counts the times everything was laid out again
 
     @classmethod
     def attach(cls, model: Llama, units: int) -> LoraRows:
@@ -65,28 +66,32 @@ class LoraRows:
         """Give each adapter rows and write its A's there, keeping those already placed where they are.
         Returns True when earlier placements had to move (everything was laid out again), so that
         anything holding the old rows' positions must be dropped."""
-        live = {id(a): a for a in adapters}
         assert sum(a.rank for a in adapters) <= self.units, (
             "more resident rank than max_loras x max_lora_rank"
         )
-        self.start = {k: u for k, u in self.start.items() if k in live}
-        self.ranks = {k: self.ranks[k] for k in self.start}
-        moved = False
-        for key, adapter in live.items():
-            if key in self.start:
+        live = {id(a) for a in adapters}
+        self.placed = {k: v for k, v in self.placed.items() if k in live}
+        for adapter in adapters:
+            if id(adapter) in self.placed:
                 continue
             unit = self._free_units(adapter.rank)
             if unit is None:  # fragmented: lay every adapter out again, in order
-                self.start, self.ranks, moved = {}, {}, True
+                self.placed = {}
+                self.layout += 1
+                unit = 0
                 for a in adapters:
-                    self._write(a, sum(self.ranks.values()))
-                return moved
+                    self._write(a, unit)
+                    unit += a.rank
+                return True
             self._write(adapter, unit)
-        return moved
+        return False
+
+    def unit_of(self, adapter: LoraAdapter) -> int:
+        return self.placed[id(adapter)][1]
 
     def _free_units(self, rank: int) -> int | None:
         end = 0
-        for start, r in sorted((self.start[k], self.ranks[k]) for k in self.start):
+        for start, r in sorted((unit, a.rank) for a, unit in self.placed.values()):
             if start - end >= rank:
                 return end
             end = start + r
@@ -97,8 +102,7 @@ class LoraRows:
             for fused, (a, _) in weights.items():
                 first = self._first_row(layer, fused, unit)
                 self.buffers[layer][fused][first : first + a.shape[0]] = a
-        self.start[id(adapter)] = unit
-        self.ranks[id(adapter)] = adapter.rank
+        self.placed[id(adapter)] = (adapter, unit)
 
     def _first_row(self, layer: int, fused: str, unit: int) -> int:
         """The buffer row where unit `unit` of a fused projection begins."""
@@ -114,7 +118,7 @@ class LoraRows:
             specs = {}
             for fused in FUSED:
                 parts = [
-                    (j, self._first_row(layer, fused, self.start[id(a)]), a.weights[layer][fused])
+                    (j, self._first_row(layer, fused, self.unit_of(a)), a.weights[layer][fused])
                     for j, a in enumerate(adapters)
                     if fused in a.weights[layer]
                 ]

@@ -208,13 +208,13 @@ def test_lora_rows_keep_placements_and_lay_out_again_when_fragmented() -> None:
 
     a, b, c, d = adapter("a", 3), adapter("b", 2), adapter("c", 3), adapter("d", 4)
     assert not rows.place([a, b, c])
-    assert [rows.start[id(x)] for x in (a, b, c)] == [0, 3, 5]
+    assert [rows.unit_of(x) for x in (a, b, c)] == [0, 3, 5]
     assert not rows.place([a, c])  # b leaves a gap of 2 at unit 3
     assert rows.place([a, c, d])  # d needs 4 units: the gap 3..5 and the end 8..10 are too narrow
-    assert [rows.start[id(x)] for x in (a, c, d)] == [0, 3, 6]
+    assert [rows.unit_of(x) for x in (a, c, d)] == [0, 3, 6] and rows.layout == 1
     buffer = rows.buffers[0]["o"]
     for x in (a, c, d):
-        first = 8 + rows.start[id(x)]
+        first = 8 + rows.unit_of(x)
         assert torch.equal(buffer[first : first + x.rank], x.weights[0]["o"][0])
 
 
