@@ -66,6 +66,15 @@ _GUARD_LOGPROBS = SamplingParams.MAX_LOGPROBS
 _BASE = "base"
 _MIXED = "mixed 50/50"
 _CUBLAS_LORA = ", cuBLAS LoRA"
+# The Triton ops' candidates for the batch-1 step (TritonOps attributes), off in the engine until a GPU
+# run shows them faster: each gets a batch-1 base row, and the attention one a base row per concurrency.
+_CANDIDATES: dict[str, dict[str, object]] = {
+    "SwiGLU in down": {"fuse_swiglu": True},
+    "attention 128 keys/step": {"decode_keys_per_step": 128},
+    "attention 256 keys/step": {"decode_keys_per_step": 256},
+    "SwiGLU in down, attention 128": {"fuse_swiglu": True, "decode_keys_per_step": 128},
+}
+_WIDE_ATTENTION = "attention 128 keys/step"
 _OURS = "chatmed engine"
 _HF = "transformers generate"
 
@@ -813,8 +822,8 @@ def eager_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, dea
 
 
 @contextmanager
-def ops_variant(core: EngineCore, **settings: bool) -> Iterator[None]:
-    """The engine with some of its ops' settings changed (TritonOps.skinny, .lora_rows), on freshly
+def ops_variant(core: EngineCore, **settings: object) -> Iterator[None]:
+    """The engine with some of its ops' settings changed (TritonOps.skinny, .lora_rows, ...), on freshly
     captured decode graphs; the settings and the engine's own graphs come back afterwards."""
     ops, graphs = core.runner.model.ops, core.runner.graphs
     saved = {name: getattr(ops, name) for name in settings}
@@ -845,11 +854,24 @@ def cublas_lora_row(
     """A batch with the adapters stacked for torch matmuls (a shrink, a mask and an addmm per projection)
     instead of the Triton ops' LoRA rows (TritonOps.lora_rows off): batch 1 as decode_row, larger batches
     warmed up for 8 tokens, then timed as throughput_row."""
-    label = f"{setup}{_CUBLAS_LORA}"
-    with ops_variant(core, lora_rows=False):
+    return variant_row(core, works, f"{setup}{_CUBLAS_LORA}", max_tokens, floor, deadline, lora_rows=False)
+
+
+def variant_row(
+    core: EngineCore,
+    works: Sequence[Work],
+    label: str,
+    max_tokens: int,
+    floor: Floor,
+    deadline: float,
+    **settings: object,
+) -> Row:
+    """A batch on the ops with `settings` (ops_variant): batch 1 as decode_row, larger batches warmed up
+    for 8 tokens, then timed as throughput_row."""
+    with ops_variant(core, **settings):
         if len(works) == 1:
             return decode_row(core, works[0], max_tokens, floor, deadline, label)
-        run_engine(core, works, 8, deadline, f"warm-{len(works)}-cublas-lora")
+        run_engine(core, works, 8, deadline, f"warm-{len(works)}-variant")
         return throughput_row(core, works, label, max_tokens, floor, deadline)
 
 
@@ -953,6 +975,14 @@ def engine_rows(
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
+        for name, settings in _CANDIDATES.items():
+            work, label = Work(prompts[0], None), f"{_BASE}, {name}"
+            row = budget.run(
+                f"decode step, batch 1, {label}",
+                partial(variant_row, core, [work], label, cfg.decode_steps, floor, deadline, **settings),
+                reserve_s=reserve_s,
+            )
+            rows += [row] if row is not None else []
     step_s = rows[0].step_ms / 1e3 if rows and not math.isnan(rows[0].step_ms) else 0.0
     for c in cfg.concurrency:
         prefill_steps = -(-c * cfg.prompt_len // cfg.max_num_batched_tokens)
@@ -979,6 +1009,14 @@ def engine_rows(
             row = budget.run(
                 f"throughput, {c} concurrent, {_MIXED}{_CUBLAS_LORA}",
                 partial(cublas_lora_row, core, setups[0][1], _MIXED, cfg.max_tokens, floor, deadline),
+                estimate_s=lower_bound_s,
+                reserve_s=reserve_s,
+            )
+            rows += [row] if row is not None else []
+            label, settings = f"{_BASE}, {_WIDE_ATTENTION}", _CANDIDATES[_WIDE_ATTENTION]
+            row = budget.run(
+                f"throughput, {c} concurrent, {label}",
+                partial(variant_row, core, setups[1][1], label, cfg.max_tokens, floor, deadline, **settings),
                 estimate_s=lower_bound_s,
                 reserve_s=reserve_s,
             )

@@ -12,6 +12,7 @@ holds r consecutive units, and unit u of a fused projection of P parts is its ro
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -168,12 +169,24 @@ class RowsLora(LoraBatch):
     def linear(
         self, x: torch.Tensor, weight: torch.Tensor, layer: int, fused: str, ops: TorchOps
     ) -> torch.Tensor:
+        return self._with_rows(ops.linear, x, weight, layer, fused)
+
+    def down(self, gate_up: torch.Tensor, weight: torch.Tensor, layer: int, ops: TorchOps) -> torch.Tensor:
+        return self._with_rows(ops.silu_mul_linear, gate_up, weight, layer, "down")
+
+    def _with_rows(
+        self,
+        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        layer: int,
+        fused: str,
+    ) -> torch.Tensor:
         spec = self.stack.layers[layer].get(fused) if self.stack.layers else None
         if spec is None:
-            return ops.linear(x, weight)
+            return matmul(x, weight)
         lo, hi, b_t, pattern = spec
-        buffer = self.rows.buffers[layer][fused]
-        y = ops.linear(x, buffer[:hi])
+        y = matmul(x, self.rows.buffers[layer][fused][:hi])
         n = weight.shape[0]
         owners = self.stack.owner_ids[pattern] if self.row_adapter is not None else None
         return self.kernels.lora_expand(y[:, :n], y[:, lo:hi], b_t, self.row_adapter, owners)

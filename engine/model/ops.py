@@ -53,6 +53,10 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
+    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """silu_mul(gate_up) @ weight^T (the MLP's down projection)."""
+        return self.linear(self.silu_mul(gate_up), weight)
+
     def rotary_store(
         self,
         qkv: torch.Tensor,
@@ -141,6 +145,11 @@ class TritonOps(TorchOps):
         # triton_ops.skinny_matmul where it beat cuBLAS on an H200 (triton_ops.skinny_settings); False
         # (or CHATMED_DISABLE_SKINNY_MATMUL=1, for a card where it does not): cuBLAS always.
         self.skinny = os.environ.get("CHATMED_DISABLE_SKINNY_MATMUL") != "1"
+        # Candidates for the batch-1 step, off until a GPU run shows them faster (bench.gpu times each
+        # against the defaults): silu(gate) * up computed inside the down projection's skinny matmul,
+        # one launch fewer per layer; and decode attention reading more positions per loop step.
+        self.fuse_swiglu = False
+        self.decode_keys_per_step = 64
 
     # Fixed-shape steps put the adapters' A's under the weights (LoraRows), so that the base matmul also
     # does the shrink, and add the deltas with triton_ops.lora_expand. Off: the torch stacked LoRA.
@@ -167,6 +176,13 @@ class TritonOps(TorchOps):
 
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.k.silu_mul(gate_up)
+
+    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.fuse_swiglu and self.skinny and gate_up.shape[0] == 1 and gate_up.stride(1) == 1:
+            settings = self.k.skinny_settings(1, weight.shape[0], weight.shape[1])
+            if settings is not None and weight.stride(1) == 1:
+                return self.k.skinny_matmul(gate_up, weight, settings, gated=True)
+        return super().silu_mul_linear(gate_up, weight)
 
     def rotary_store(
         self,
@@ -196,7 +212,13 @@ class TritonOps(TorchOps):
     ) -> torch.Tensor:
         assert batch.decode_blocks is not None and batch.decode_lens is not None
         return self.k.paged_decode_attention(
-            q.contiguous(), k_cache, v_cache, batch.decode_blocks, batch.decode_lens, batch.block_size
+            q.contiguous(),
+            k_cache,
+            v_cache,
+            batch.decode_blocks,
+            batch.decode_lens,
+            batch.block_size,
+            self.decode_keys_per_step,
         )
 
 

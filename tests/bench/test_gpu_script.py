@@ -37,6 +37,7 @@ from bench.gpu import (
     mixed,
     plan_shards,
     run_engine,
+    variant_row,
 )
 from engine import EngineConfig, EngineCore
 from engine.demo import DEMO_ADAPTERS, LORA_TARGET_MODULES
@@ -189,9 +190,9 @@ def test_sharded_checkpoint_loads_in_transformers_and_the_engine(tmp_path: Path)
 def test_kernel_variant_rows_run_and_give_the_engine_back(
     workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The rows that time the Triton ops' variants (cuBLAS matmuls, cuBLAS LoRA) run on their own fresh
-    fixed-shape graphs (here, on the CPU, under Triton's interpreter, without capture) and leave the
-    engine's settings and graphs as they were."""
+    """The rows that time the Triton ops' variants (cuBLAS matmuls, cuBLAS LoRA, the batch-1 candidates)
+    run on their own fresh fixed-shape graphs (here, on the CPU, under Triton's interpreter, without
+    capture) and leave the engine's settings and graphs as they were."""
     pytest.importorskip("triton")
     from engine.model.ops import TritonOps
 
@@ -211,9 +212,9 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
     for name, key in (("skinny_matmul", "skinny"), ("lora_expand", "expand")):
         original = getattr(triton_ops, name)
 
-        def counted(*args: Any, _original: Any = original, _key: str = key) -> Any:
+        def counted(*args: Any, _original: Any = original, _key: str = key, **kwargs: Any) -> Any:
             calls[_key] += 1
-            return _original(*args)
+            return _original(*args, **kwargs)
 
         monkeypatch.setattr(triton_ops, name, counted)
     rows = [cublas_decode_row(core, works[0], 4, floor, deadline)]
@@ -232,6 +233,11 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
     assert ops.skinny and ops.lora_rows and core.runner.graphs is graphs
     run_engine(core, works, 4, deadline, "rows")  # the engine's own graphs again: the LoRA rows
     assert calls["expand"] > 0
+    row = variant_row(
+        core, works[:1], "base, candidates", 4, floor, deadline, fuse_swiglu=True, decode_keys_per_step=128
+    )
+    assert row.setup == "base, candidates" and row.output_tokens > 0
+    assert not ops.fuse_swiglu and ops.decode_keys_per_step == 64 and core.runner.graphs is graphs
     assert core.allocator.num_free == core.allocator.num_blocks
 
 

@@ -3,6 +3,8 @@ under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1 before tri
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 
@@ -89,9 +91,11 @@ def test_paged_decode_reads_the_cache_in_place_like_the_gather(
     tables = torch.randperm(num_blocks, generator=g).view(5, width).to(DEVICE)
     q = torch.randn(5, heads, head_dim, generator=g).to(DEVICE, dtype)
     batch = AttentionBatch(block_size, lens, None, tables, lens, True, [])
-    ours = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size)
     # Without decode groups the torch ops gather everything from the cache; the rows' new k/v go unread.
-    _close(ours, TORCH.decode_attention(q, k_cache[:5], v_cache[:5], k_cache, v_cache, batch, 0), dtype)
+    ref = TORCH.decode_attention(q, k_cache[:5], v_cache[:5], k_cache, v_cache, batch, 0)
+    for keys_per_step in (64, 128, 256):  # 128 and 256: the candidates TritonOps.decode_keys_per_step names
+        ours = triton_ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, block_size, keys_per_step)
+        _close(ours, ref, dtype)
     # A row with nothing to attend (the padding of fixed-shape steps) gives zeros, not NaN.
     empty = triton_ops.paged_decode_attention(q[:1], k_cache, v_cache, tables[:1], lens[:1] * 0, block_size)
     assert (empty == 0).all()
@@ -131,6 +135,23 @@ def test_skinny_matmul_matches_linear(dtype: torch.dtype, rows: int) -> None:
         assert ours.shape == (rows, n_out) and ours.dtype == dtype
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(ours.float(), ref.float(), atol=tol * n_in**0.5, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_skinny_matmul_is_silu_mul_then_the_matmul_bit_for_bit(dtype: torch.dtype) -> None:
+    """The down projection with silu(gate) * up computed on the way in (TritonOps.fuse_swiglu): the same
+    values as silu_mul's output multiplied, on widths with and without a masked tail."""
+    g = torch.Generator().manual_seed(8)
+    for n_out, n_in in ((40, 1024), (72, 1100), (500, 96)):
+        gate_up = torch.randn(1, 2 * n_in, generator=g).to(DEVICE, dtype)
+        weight = torch.randn(n_out, n_in, generator=g).to(DEVICE, dtype)
+        settings = triton_ops.skinny_settings(1, n_out, n_in)
+        assert settings is not None
+        unfused = triton_ops.skinny_matmul(triton_ops.silu_mul(gate_up), weight, settings)
+        assert torch.equal(triton_ops.skinny_matmul(gate_up, weight, settings, gated=True), unfused)
+        ops = TritonOps()
+        ops.fuse_swiglu = True
+        assert torch.equal(ops.silu_mul_linear(gate_up, weight), unfused)
 
 
 def test_skinny_matmul_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,3 +195,33 @@ def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoMo
     core.runner.model.ops = TritonOps()
     fused = core.generate(prompts, params, adapters)
     assert [o.token_ids for o in fused] == [o.token_ids for o in reference]
+
+
+def test_batch_one_candidates_generate_what_the_torch_ops_generate(
+    demo: DemoModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """TritonOps' batch-1 candidates on (the SwiGLU inside the down projection, 128 positions per
+    attention step), one request at a time through the fixed-shape decode steps, with and without an
+    adapter: the torch ops' tokens."""
+    core = EngineCore(engine_config(demo, device=DEVICE.type, enforce_eager=True))
+    prompt = core.tokenizer.encode("问：头痛发热三天怎么办？\n答：")
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    core.runner.model.ops = TorchOps()
+    reference = [core.generate([prompt], params, [a])[0].token_ids for a in (None, "chatmed-tcm")]
+    ops = TritonOps()
+    ops.fuse_swiglu, ops.decode_keys_per_step = True, 128
+    core.runner.model.ops = ops
+    core.runner.use_fixed_decode(
+        4, core.max_model_len, capture=DEVICE.type == "cuda", lora_units=core.lora_units
+    )
+    gated: list[bool] = []
+    original = triton_ops.skinny_matmul
+
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        gated.append(bool(kwargs.get("gated")))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(triton_ops, "skinny_matmul", counted)
+    ours = [core.generate([prompt], params, [a])[0].token_ids for a in (None, "chatmed-tcm")]
+    assert ours == reference
+    assert any(gated)  # traced while capturing on CUDA, called on each step on the CPU
