@@ -219,6 +219,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._forward(bucket, stacked, need_mask)
         self.pool = graph.pool()
+        self.model.in_graphs = True
         self.num_captured += 1
         logger.debug("captured a decode graph: batch %d, %d adapter patterns", bucket, len(stacked.owner_ids))
         return graph, logits

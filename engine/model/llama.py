@@ -316,9 +316,10 @@ class Llama(nn.Module):
         self.lm_head = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
         self.rotary = Rotary(args.head_dim, args.rope_theta, max_len)
         self.ops: TorchOps = TorchOps()
-        self.lora_rows: Any = (
-            None  # lora_rows.LoraRows, once fixed-shape steps put adapters under the weights
-        )
+        # lora_rows.LoraRows, once fixed-shape steps put the adapters' A's under the weights.
+        self.lora_rows: Any = None
+        # Set when a CUDA graph captures the weights' addresses: from then on they stay put.
+        self.in_graphs = False
         self.requires_grad_(False)
 
     def forward(

@@ -57,7 +57,9 @@ class LoraRows:
         """The model's rows, made on first use (a copy of each weight, one projection at a time)."""
         rows = model.lora_rows
         if rows is None or rows.units < units:
-            assert rows is None, "the rows are made once, before any graph reads the weights"
+            # Making the rows moves every weight: no graph may have read them yet.
+            if rows is not None or model.in_graphs:
+                raise RuntimeError("LoRA rows are made once, before any CUDA graph reads the weights")
             rows = cls(model, units)
             model.lora_rows = rows
             logger.info("LoRA rows under the weights: %d rank units", units)
@@ -65,13 +67,17 @@ class LoraRows:
 
     def place(self, adapters: list[LoraAdapter]) -> bool:
         """Give each adapter rows and write its A's there, keeping those already placed where they are.
-        Returns True when earlier placements had to move (everything was laid out again), so that
-        anything holding the old rows' positions must be dropped."""
+        Returns True when earlier placements had to move (everything was laid out again). `layout`
+        changes whenever an adapter moved or left, so that anything holding rows' positions must go."""
         assert sum(a.rank for a in adapters) <= self.units, (
             "more resident rank than max_loras x max_lora_rank"
         )
         live = {id(a) for a in adapters}
-        self.placed = {k: v for k, v in self.placed.items() if k in live}
+        if any(k not in live for k in self.placed):
+            # Whatever read the rows of an adapter that left may not be told by its own means (another
+            # DecodeGraphs may place the same adapter elsewhere later): count it as a new layout.
+            self.placed = {k: v for k, v in self.placed.items() if k in live}
+            self.layout += 1
         for adapter in adapters:
             if id(adapter) in self.placed:
                 continue
@@ -111,45 +117,56 @@ class LoraRows:
         return base + len(FUSED[fused]) * unit
 
     def stack(self, adapters: list[LoraAdapter], device: torch.device) -> RowsStack:
-        """What a step with these adapters (placed, in the step's order) reads, per layer and projection:
-        the span of rows that covers them, their B^T's over that span (zero between adapters) and each
-        row's owner (the adapter's position, -2 where no adapter of the step owns the row)."""
-        layers: list[dict[str, tuple[int, int, torch.Tensor, tuple[int, ...]]]] = []
+        """What a step with these adapters (placed, in the step's order) reads, per layer and projection
+        (RowsSpec). Its B^T's are copied side by side only where several adapters share a projection."""
+        layers: list[dict[str, RowsSpec]] = []
         for layer in range(len(self.buffers)):
             specs = {}
             for fused in FUSED:
-                parts = [
-                    (j, self._first_row(layer, fused, self.unit_of(a)), a.weights[layer][fused])
+                parts = sorted(
+                    (self._first_row(layer, fused, self.unit_of(a)), j, a.weights[layer][fused])
                     for j, a in enumerate(adapters)
                     if fused in a.weights[layer]
-                ]
+                )
                 if not parts:
                     continue
-                lo = min(first for _, first, _ in parts)
-                hi = max(first + a.shape[0] for _, first, (a, _) in parts)
-                if len(parts) == 1:
-                    b_t = parts[0][2][1]
-                else:
-                    b_t = torch.zeros(
-                        hi - lo, parts[0][2][1].shape[1], dtype=parts[0][2][1].dtype, device=device
-                    )
-                owners = [-2] * (hi - lo)
-                for j, first, (a, b) in parts:
-                    if len(parts) > 1:
-                        b_t[first - lo : first - lo + a.shape[0]] = b
-                    owners[first - lo : first - lo + a.shape[0]] = [j] * a.shape[0]
-                specs[fused] = (lo, hi, b_t, tuple(owners))
+                lo = parts[0][0]
+                hi = max(first + a.shape[0] for first, _, (a, _) in parts)
+                owners, index = [-2] * (hi - lo), [-1] * (hi - lo)
+                taken = 0
+                for first, j, (a, _) in parts:
+                    rows = range(first - lo, first - lo + a.shape[0])
+                    owners[rows.start : rows.stop] = [j] * len(rows)
+                    index[rows.start : rows.stop] = range(taken, taken + len(rows))
+                    taken += len(rows)
+                b_t = parts[0][2][1] if len(parts) == 1 else torch.cat([b for _, _, (_, b) in parts])
+                gaps = taken < hi - lo  # rows of other adapters (or none) lie between the step's
+                specs[fused] = RowsSpec(lo, hi, b_t, tuple(owners), tuple(index) if gaps else None)
             layers.append(specs)
-        patterns = {spec[3] for layer in layers for spec in layer.values()}
-        owner_ids = {p: torch.tensor(p, dtype=torch.long, device=device) for p in patterns}
-        return RowsStack(layers, owner_ids)
+        patterns = {spec.owners for layer in layers for spec in layer.values()}
+        patterns |= {spec.index for layer in layers for spec in layer.values() if spec.index is not None}
+        return RowsStack(layers, {p: torch.tensor(p, dtype=torch.long, device=device) for p in patterns})
+
+
+@dataclass(frozen=True)
+class RowsSpec:
+    """One projection of a step: buffer rows [lo, hi) hold its adapters' A's (and any other rows between
+    them); b_t holds their B^T's in row order with nothing between; `owners` gives each row's adapter (its
+    position in the step, -2 for none) and `index` its row in b_t (-1 for none) where rows lie between."""
+
+    lo: int
+    hi: int
+    b_t: torch.Tensor
+    owners: tuple[int, ...]
+    index: tuple[int, ...] | None
 
 
 @dataclass
 class RowsStack:
-    """Per layer and fused projection: (first row, end row, B^T over those rows, owner pattern)."""
+    """Per layer and fused projection, what a step reads (RowsSpec); `owner_ids` holds each distinct
+    owner and index pattern on the device (the name StackedAdapters gives its patterns)."""
 
-    layers: list[dict[str, tuple[int, int, torch.Tensor, tuple[int, ...]]]]
+    layers: list[dict[str, RowsSpec]]
     owner_ids: dict[tuple[int, ...], torch.Tensor]
 
 
@@ -185,11 +202,13 @@ class RowsLora(LoraBatch):
         spec = self.stack.layers[layer].get(fused) if self.stack.layers else None
         if spec is None:
             return matmul(x, weight)
-        lo, hi, b_t, pattern = spec
-        y = matmul(x, self.rows.buffers[layer][fused][:hi])
-        n = weight.shape[0]
-        owners = self.stack.owner_ids[pattern] if self.row_adapter is not None else None
-        return self.kernels.lora_expand(y[:, :n], y[:, lo:hi], b_t, self.row_adapter, owners)
+        y = matmul(x, self.rows.buffers[layer][fused][: spec.hi])
+        n, ids = weight.shape[0], self.stack.owner_ids
+        owners = ids[spec.owners] if self.row_adapter is not None else None
+        index = ids[spec.index] if spec.index is not None else None
+        return self.kernels.lora_expand(
+            y[:, :n], y[:, spec.lo : spec.hi], spec.b_t, self.row_adapter, owners, index
+        )
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
         raise NotImplementedError("RowsLora adds its deltas in linear()")

@@ -415,6 +415,7 @@ def _lora_expand_kernel(
     b_t_ptr,
     row_adapter_ptr,
     owner_ptr,
+    b_index_ptr,
     rows,
     n_out,
     rank,
@@ -423,6 +424,7 @@ def _lora_expand_kernel(
     low_stride,
     b_t_stride,
     MASKED: tl.constexpr,
+    INDEXED: tl.constexpr,
     WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -430,8 +432,9 @@ def _lora_expand_kernel(
     PRECISION: tl.constexpr,
 ):
     """out [rows, n_out] = y + (low [rows, rank], kept where the row's adapter owns the rank column if
-    MASKED) @ b_t [rank, n_out]: the products summed in float32 and rounded once, as addmm does. WIDE
-    widens the inputs to float32 first (exact for bf16/fp16 under tf32)."""
+    MASKED) @ b_t [rank, n_out]: the products summed in float32 and rounded once, as addmm does. INDEXED:
+    rank column r multiplies b_t's row b_index[r] (none where it is -1). WIDE widens the inputs to
+    float32 first (exact for bf16/fp16 under tf32)."""
     ms = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     ns = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = ms < rows, ns < n_out
@@ -449,11 +452,19 @@ def _lora_expand_kernel(
         if MASKED:
             owner = tl.load(owner_ptr + rs, mask=rank_ok, other=-2)
             low = tl.where(adapter[:, None] == owner[None, :], low, tl.zeros_like(low))
-        b_t = tl.load(
-            b_t_ptr + rs[:, None] * b_t_stride + ns[None, :],
-            mask=rank_ok[:, None] & col_ok[None, :],
-            other=0.0,
-        )
+        if INDEXED:
+            b_rows = tl.load(b_index_ptr + rs, mask=rank_ok, other=-1)
+            b_t = tl.load(
+                b_t_ptr + b_rows[:, None] * b_t_stride + ns[None, :],
+                mask=(b_rows >= 0)[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+        else:
+            b_t = tl.load(
+                b_t_ptr + rs[:, None] * b_t_stride + ns[None, :],
+                mask=rank_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
         if WIDE:
             acc += tl.dot(low.to(tl.float32), b_t.to(tl.float32), input_precision=PRECISION)
         else:
@@ -471,13 +482,16 @@ def lora_expand(
     b_t: torch.Tensor,
     row_adapter: torch.Tensor | None = None,
     owners: torch.Tensor | None = None,
+    b_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y [M, out] + low [M, r] @ b_t [r, out] as a new contiguous tensor, in one launch; y and low may be
     column ranges of one matmul's output (LoraRows). With `row_adapter` [M] and `owners` [r], a row keeps
-    only the rank columns its adapter owns."""
+    only the rank columns its adapter owns. With `b_index` [r], column r multiplies b_t's row b_index[r]
+    (nothing where -1), and b_t may have fewer rows than low has columns."""
     rows, n_out = y.shape
     rank = low.shape[1]
-    assert b_t.shape == (rank, n_out) and y.stride(1) == 1 and low.stride(1) == 1 and b_t.stride(1) == 1
+    assert y.stride(1) == 1 and low.stride(1) == 1 and b_t.stride(1) == 1 and b_t.shape[1] == n_out
+    assert b_t.shape[0] == rank if b_index is None else b_index.shape == (rank,)
     out = torch.empty(rows, n_out, dtype=y.dtype, device=y.device)
     if rows == 0:
         return out
@@ -493,6 +507,7 @@ def lora_expand(
         b_t,
         row_adapter if masked else low,
         owners if masked else low,
+        b_index if b_index is not None else low,
         rows,
         n_out,
         rank,
@@ -501,6 +516,7 @@ def lora_expand(
         low.stride(0),
         b_t.stride(0),
         MASKED=masked,
+        INDEXED=b_index is not None,
         # Triton's interpreter (the CPU tests) gets bf16 dots wrong; the GPU multiplies them natively.
         WIDE=y.dtype == torch.float32 or os.environ.get("TRITON_INTERPRET") == "1",
         BLOCK_M=block_m,

@@ -64,10 +64,19 @@ def test_fixed_decode_gives_the_ordinary_tokens(demo: DemoModel, eager: EngineCo
     assert fixed.allocator.num_free == fixed.allocator.num_blocks
 
 
-def test_fixed_decode_with_one_device_slot_follows_evictions(demo: DemoModel, eager: EngineCore) -> None:
-    """--max-loras 1: the adapters take turns on the device; entries reading an evicted one are dropped."""
+@pytest.mark.parametrize("ops", ["torch", "triton"])
+def test_fixed_decode_with_one_device_slot_follows_evictions(
+    demo: DemoModel, eager: EngineCore, ops: str
+) -> None:
+    """--max-loras 1: the adapters take turns on the device; entries reading an evicted one are dropped.
+    With the Triton ops each adapter in turn takes the LoRA rows' one slot."""
+    if ops == "triton":
+        pytest.importorskip("triton")
     fixed = EngineCore(engine_config(demo, max_loras=1))
-    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False)
+    if ops == "triton":
+        fixed.runner.model.ops = TritonOps()
+    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False, lora_units=fixed.lora_units)
+    assert (fixed.runner.graphs is not None and fixed.runner.graphs.rows is not None) == (ops == "triton")
     prompts = _prompts(fixed)
     assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == _tokens(
         eager.generate(prompts, GREEDY, ADAPTERS)
@@ -195,6 +204,47 @@ def test_lora_rows_give_each_row_its_own_adapter_whatever_the_targets(masked: bo
                 torch.testing.assert_close(y[row], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_lora_rows_skip_the_rows_of_other_adapters_between_the_steps_own() -> None:
+    """Three adapters placed; a step with the first and the last: the rows of the middle one lie in the
+    span the matmul reads, but its B^T is not copied and its columns add nothing."""
+    triton_ops = pytest.importorskip("engine.model.triton_ops")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    g = torch.Generator().manual_seed(11)
+    model = _tiny_llama(device)
+    first, middle, last = (
+        _lora_adapter(
+            name,
+            rank,
+            [{"o": _adapter_pair(g, device, rank, 8, 8)}, {"o": _adapter_pair(g, device, rank, 8, 8)}],
+        )
+        for name, rank in (("first", 2), ("middle", 4), ("last", 3))
+    )
+    rows = LoraRows(model, units=9)
+    rows.place([first, middle, last])
+    stack = rows.stack([last, first], device)
+    spec = stack.layers[0]["o"]
+    assert spec.hi - spec.lo == 9 and spec.b_t.shape[0] == 5 and spec.index is not None
+    row_adapter = torch.tensor([0, 1, -1, 1], device=device)
+    lora = RowsLora(rows, stack, row_adapter, triton_ops)
+    ops = TritonOps()
+    for layer in range(2):
+        weight = model.layers[layer].o
+        x = torch.randn(4, 8, generator=g).to(device)
+        y = lora.linear(x, weight, layer, "o", ops)
+        for row, which in enumerate(row_adapter.tolist()):
+            own = [last, first][which].weights if which >= 0 else None
+            expected = x[row] @ weight.t() + _own_delta(own, x[row], layer, "o", 8)
+            torch.testing.assert_close(y[row], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_lora_rows_are_not_made_once_a_graph_reads_the_weights() -> None:
+    """Making the rows moves every weight: after a capture that would leave graphs on freed memory."""
+    model = _tiny_llama(torch.device("cpu"))
+    model.in_graphs = True
+    with pytest.raises(RuntimeError):
+        LoraRows.attach(model, 8)
+
+
 def test_lora_rows_keep_placements_and_lay_out_again_when_fragmented() -> None:
     """Adapters keep their rows while others come and go; when no gap is wide enough every adapter is
     written again, in order, and place() says so."""
@@ -209,9 +259,9 @@ def test_lora_rows_keep_placements_and_lay_out_again_when_fragmented() -> None:
     a, b, c, d = adapter("a", 3), adapter("b", 2), adapter("c", 3), adapter("d", 4)
     assert not rows.place([a, b, c])
     assert [rows.unit_of(x) for x in (a, b, c)] == [0, 3, 5]
-    assert not rows.place([a, c])  # b leaves a gap of 2 at unit 3
+    assert not rows.place([a, c]) and rows.layout == 1  # b leaves a gap of 2 at unit 3; its rows are stale
     assert rows.place([a, c, d])  # d needs 4 units: the gap 3..5 and the end 8..10 are too narrow
-    assert [rows.unit_of(x) for x in (a, c, d)] == [0, 3, 6] and rows.layout == 1
+    assert [rows.unit_of(x) for x in (a, c, d)] == [0, 3, 6] and rows.layout == 2
     buffer = rows.buffers[0]["o"]
     for x in (a, c, d):
         first = 8 + rows.unit_of(x)

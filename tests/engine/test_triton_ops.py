@@ -154,6 +154,36 @@ def test_gated_skinny_matmul_is_silu_mul_then_the_matmul_bit_for_bit(dtype: torc
         assert torch.equal(ops.silu_mul_linear(gate_up, weight), unfused)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_expand_matches_torch(dtype: torch.dtype) -> None:
+    """y + (low, masked by each row's adapter) @ b_t, from column ranges of one wider output as the LoRA
+    rows give them: unmasked, masked, and through an index where rows of other adapters lie between
+    (on the GPU in bf16 the products go through the native dot, on the CPU they are widened)."""
+    g = torch.Generator().manual_seed(9)
+
+    def close(ours: torch.Tensor, ref: torch.Tensor) -> None:  # sums of `rank` products, float32 or bf16
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(ours.float(), ref.float(), atol=tol * rank, rtol=tol)
+
+    for rows, n_out, rank in ((5, 96, 24), (70, 4100, 40)):
+        wide = torch.randn(rows, n_out + 8 + rank, generator=g).to(DEVICE, dtype)
+        y, low = wide[:, :n_out], wide[:, n_out + 8 :]
+        b_t = torch.randn(rank, n_out, generator=g).to(DEVICE, dtype)
+        row_adapter = torch.randint(-1, 2, (rows,), generator=g).to(DEVICE)
+        owners = torch.tensor([0] * 10 + [-2] * 6 + [1] * (rank - 16), device=DEVICE)
+        kept = (row_adapter[:, None] == owners[None, :]).double()
+        exact = y.double() + low.double() @ b_t.double()
+        close(triton_ops.lora_expand(y, low, b_t), exact)
+        masked = y.double() + (low.double() * kept) @ b_t.double()
+        close(triton_ops.lora_expand(y, low, b_t, row_adapter, owners), masked)
+        # The same with b_t's rows 10..15 left out (the rows no adapter of the step owns).
+        index = torch.tensor(list(range(10)) + [-1] * 6 + list(range(10, rank - 6)), device=DEVICE)
+        packed = torch.cat([b_t[:10], b_t[16:]])
+        ours = triton_ops.lora_expand(y, low, packed, row_adapter, owners, index)
+        assert ours.is_contiguous()
+        close(ours, masked)
+
+
 def test_skinny_matmul_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
     x, weight = torch.randn(1, 64).to(DEVICE), torch.randn(32, 64).to(DEVICE)
     calls: list[int] = []
