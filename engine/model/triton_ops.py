@@ -376,7 +376,7 @@ def skinny_matmul(
 ) -> torch.Tensor:
     """x [M, in] @ weight [out, in]^T for M <= 16, accumulated in float32, rounded once to x's dtype;
     `settings` as skinny_settings gives them. `gated` (M = 1): x is gate_up [1, 2 in], and the product is
-    silu_mul(x) @ weight^T without silu_mul's own launch (the same values, bit for bit)."""
+    silu_mul(x) @ weight^T without silu_mul's own launch (the same arithmetic per value)."""
     rows, n_in = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
     n_out = weight.shape[0]
     assert 1 <= rows <= 16 and weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1

@@ -140,7 +140,8 @@ def test_skinny_matmul_matches_linear(dtype: torch.dtype, rows: int) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_gated_skinny_matmul_is_silu_mul_then_the_matmul_bit_for_bit(dtype: torch.dtype) -> None:
     """The down projection with silu(gate) * up computed on the way in (TritonOps.fuse_swiglu): the same
-    values as silu_mul's output multiplied, on widths with and without a masked tail."""
+    values as silu_mul's output multiplied (bit for bit under the interpreter), on widths with and
+    without a masked tail."""
     g = torch.Generator().manual_seed(8)
     for n_out, n_in in ((40, 1024), (72, 1100), (500, 96)):
         gate_up = torch.randn(1, 2 * n_in, generator=g).to(DEVICE, dtype)
@@ -148,10 +149,16 @@ def test_gated_skinny_matmul_is_silu_mul_then_the_matmul_bit_for_bit(dtype: torc
         settings = triton_ops.skinny_settings(1, n_out, n_in)
         assert settings is not None
         unfused = triton_ops.skinny_matmul(triton_ops.silu_mul(gate_up), weight, settings)
-        assert torch.equal(triton_ops.skinny_matmul(gate_up, weight, settings, gated=True), unfused)
         ops = TritonOps()
         ops.fuse_swiglu = True
-        assert torch.equal(ops.silu_mul_linear(gate_up, weight), unfused)
+        for fused in (
+            triton_ops.skinny_matmul(gate_up, weight, settings, gated=True),
+            ops.silu_mul_linear(gate_up, weight),
+        ):
+            if DEVICE.type == "cpu":
+                assert torch.equal(fused, unfused)
+            else:  # a GPU compiler may contract the two kernels' arithmetic differently
+                _close(fused, unfused, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
