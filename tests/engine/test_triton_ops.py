@@ -218,6 +218,14 @@ def test_skinny_settings_leave_batches_to_cublas_except_the_wide_lm_head() -> No
     assert triton_ops.skinny_settings(0, 49954, 4096) is None
 
 
+def test_lora_rows_keep_a_weight_in_its_skinny_setting() -> None:
+    """At one row, a weight with the LoRA rows under it (at most max_loras x max_lora_rank x parts, 768
+    rows for q/k/v at the defaults) is read with the setting chosen for the weight alone."""
+    for n_out, n_in, extra in ((4096, 4096, 256), (4096, 11008, 256), (12288, 4096, 768), (22016, 4096, 512)):
+        alone = triton_ops.skinny_settings(1, n_out, n_in)
+        assert triton_ops.skinny_settings(1, n_out + extra, n_in) == alone
+
+
 def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoModel) -> None:
     """Prefill, chunked prefill and decode, both adapters and the base in one batch."""
     core = EngineCore(engine_config(demo, device=DEVICE.type, max_num_batched_tokens=24, enforce_eager=True))
