@@ -117,7 +117,10 @@ class DecodeGraphs:
         adapters = tuple(loras.resident_adapter(name, active) for name in names)
         self._fill(items, bucket, {name: j for j, name in enumerate(names)})
         need_mask = bool(names) and (len(names) > 1 or any(i.seq.adapter is None for i in items))
-        if loras.version != self.lora_version:
+        # The rows may also have been laid out again by another DecodeGraphs sharing them (bench.gpu's
+        # variants): that changes no LoraSlots version.
+        moved = self.rows is not None and self.rows.layout != self.rows_layout
+        if loras.version != self.lora_version or moved:
             self._forget_stale(loras)
         ids = tuple(id(a) for a in adapters)
         key = (bucket, ids, need_mask)

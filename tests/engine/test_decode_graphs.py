@@ -237,6 +237,26 @@ def test_lora_rows_skip_the_rows_of_other_adapters_between_the_steps_own() -> No
             torch.testing.assert_close(y[row], expected, atol=1e-4, rtol=1e-4)
 
 
+def test_fixed_decode_follows_rows_laid_out_again_elsewhere(demo: DemoModel, eager: EngineCore) -> None:
+    """Another user of the same rows (bench.gpu's variants make a second DecodeGraphs) moving or dropping
+    the adapters' rows changes no LoraSlots version: the graphs still notice, drop what read the old rows
+    and place the resident adapters again."""
+    pytest.importorskip("triton")
+    fixed = EngineCore(engine_config(demo, enforce_eager=True))
+    fixed.runner.model.ops = TritonOps()
+    fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False, lora_units=fixed.lora_units)
+    graphs = fixed.runner.graphs
+    assert graphs is not None and graphs.rows is not None
+    prompts = _prompts(fixed)
+    expected = _tokens(eager.generate(prompts, GREEDY, ADAPTERS))
+    assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == expected
+    version = fixed.loras.version
+    graphs.rows.place([])  # everything leaves, as another placement might have moved it
+    assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == expected
+    assert fixed.loras.version == version and graphs.rows_layout == graphs.rows.layout
+    assert all(graphs.rows.placed[id(a)][0] is a for a in fixed.loras.resident.values())
+
+
 def test_lora_rows_are_not_made_once_a_graph_reads_the_weights() -> None:
     """Making the rows moves every weight: after a capture that would leave graphs on freed memory."""
     model = _tiny_llama(torch.device("cpu"))
