@@ -199,7 +199,7 @@ class RowsLora(LoraBatch):
         layer: int,
         fused: str,
     ) -> torch.Tensor:
-        spec = self.stack.layers[layer].get(fused) if self.stack.layers else None
+        spec = self.stack.layers[layer].get(fused)
         if spec is None:
             return matmul(x, weight)
         y = matmul(x, self.rows.buffers[layer][fused][: spec.hi])

@@ -159,11 +159,16 @@ class TritonOps(TorchOps):
     def lora_kernels(self) -> Any:
         return self.k if self.lora_rows else None
 
+    def _skinny_settings(self, x: torch.Tensor, weight: torch.Tensor) -> tuple[int, int, int, int] | None:
+        """skinny_matmul's settings for x's rows against `weight`, or None: cuBLAS."""
+        if not (self.skinny and x.stride(1) == 1 and weight.stride(1) == 1):
+            return None
+        return self.k.skinny_settings(x.shape[0], weight.shape[0], weight.shape[1])
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.skinny and x.stride(1) == 1 and weight.stride(1) == 1:
-            settings = self.k.skinny_settings(x.shape[0], weight.shape[0], weight.shape[1])
-            if settings is not None:
-                return self.k.skinny_matmul(x, weight, settings)
+        settings = self._skinny_settings(x, weight)
+        if settings is not None:
+            return self.k.skinny_matmul(x, weight, settings)
         return F.linear(x, weight)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -178,10 +183,11 @@ class TritonOps(TorchOps):
         return self.k.silu_mul(gate_up)
 
     def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.fuse_swiglu and self.skinny and gate_up.shape[0] == 1 and gate_up.stride(1) == 1:
-            settings = self.k.skinny_settings(1, weight.shape[0], weight.shape[1])
-            if settings is not None and weight.stride(1) == 1:
-                return self.k.skinny_matmul(gate_up, weight, settings, gated=True)
+        settings = (
+            self._skinny_settings(gate_up, weight) if self.fuse_swiglu and gate_up.shape[0] == 1 else None
+        )
+        if settings is not None:
+            return self.k.skinny_matmul(gate_up, weight, settings, gated=True)
         return super().silu_mul_linear(gate_up, weight)
 
     def rotary_store(
