@@ -844,8 +844,8 @@ def ops_variant(core: EngineCore, **settings: object) -> Iterator[None]:
 def cublas_decode_row(core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float) -> Row:
     """The same batch-1 decode with every matmul on cuBLAS instead of the Triton skinny kernel: what that
     kernel saves."""
-    with ops_variant(core, skinny=False):
-        return decode_row(core, work, steps, floor, deadline, f"{work.adapter or _BASE}, cuBLAS matmuls")
+    label = f"{work.adapter or _BASE}, cuBLAS matmuls"
+    return variant_row(core, [work], label, steps, floor, deadline, skinny=False)
 
 
 def cublas_lora_row(
