@@ -20,6 +20,8 @@ class EngineConfig:
     max_num_batched_tokens: the per-step token budget (chunked prefill splits longer prompts).
     max_loras: adapters resident in device slots at once; max_cpu_loras: more kept in host memory.
     enforce_eager: on CUDA, never replay decode steps as CUDA graphs.
+    overlap_steps: run each CUDA-graph decode step while the host reads back the tokens of the step
+        before (they reach the caller one step later); off, every step ends with its tokens read.
     """
 
     model_path: Path
@@ -38,6 +40,7 @@ class EngineConfig:
     max_lora_rank: int = 64
     num_threads: int | None = None
     enforce_eager: bool = False
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         positive = {

@@ -18,10 +18,11 @@ from engine.errors import InvalidRequest, PromptTooLong, QueueFull, UnknownAdapt
 from engine.kv_cache import BlockAllocator, KVCache, KVCacheShape
 from engine.lora import LoraAdapter, LoraSlots, read_adapter
 from engine.model.llama import LlamaArgs, load_llama
+from engine.model.decode_graphs import Carried
 from engine.model.lora_cpu import load_kernel
 from engine.model_runner import ModelRunner
 from engine.sampler import Logprobs, Sampler, SamplingRow
-from engine.scheduler import ScheduledSeq, Scheduler, Sequence
+from engine.scheduler import ScheduledSeq, Scheduler, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from engine.types import (
     EngineStats,
@@ -35,6 +36,9 @@ from engine.types import (
 logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Holds the place of a sampled token the host has not read yet (the next step takes the real one from
+# the device).
+_UNREAD = 0
 
 
 @dataclass(eq=False)
@@ -45,6 +49,16 @@ class _Request:
     stops: StopChecker
     generator: torch.Generator | None
     metrics: RequestMetrics
+
+
+@dataclass(eq=False)
+class _Unread:
+    """A step whose sampled tokens are still on the device: `reqs[i]`'s token, `tokens[i]`, belongs at
+    `positions[i]` of its sequence, where _UNREAD stands until the host reads it."""
+
+    reqs: list[_Request]
+    positions: list[int]
+    tokens: torch.Tensor
 
 
 class EngineCore:
@@ -83,6 +97,10 @@ class EngineCore:
         self.sampler = Sampler(a.vocab_size, self.tokenizer.eos_token_id, self.device)
         self.requests: dict[str, _Request] = {}
         self.failed: list[tuple[str, Exception]] = []  # requests that failed in the last steps; caller drains
+        # Fixed-shape decode steps leave their tokens on the device; the next step reads them while it runs.
+        self.overlap = config.overlap_steps
+        self._unread: _Unread | None = None
+        self.num_overlapped = 0  # steps run while the host read the tokens of the step before
         self.num_prompt_tokens_total = 0
         self.num_generation_tokens_total = 0
         for name, path in config.adapters:
@@ -189,14 +207,20 @@ class EngineCore:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self._unread is not None or self.scheduler.has_unfinished()
 
     # ---- the step -----------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Run one iteration; returns an increment for every request that produced a token."""
+        """Run one iteration; returns an increment for every request that produced a token.
+
+        With `overlap` on, a fixed-shape decode step leaves its sampled tokens on the device and returns
+        nothing for them: the next step takes them as its input there, and reads them back while it runs
+        (or first, when it needs them on the host: a prefill, a wider batch, a preemption). A request that
+        ended with those tokens has its row in that next step computed and dropped."""
         plan = self.scheduler.schedule()
+        unread, self._unread = self._unread, None
         if not plan.scheduled:
-            return []
+            return self._read(unread) if unread is not None else []
         # Adjacent equal adapters give one LoRA segment each (None, the base, sorts first).
         items = sorted(plan.scheduled, key=lambda s: s.seq.adapter or "")
         now = time.monotonic()
@@ -204,21 +228,96 @@ class EngineCore:
             m = self.requests[item.seq.request_id].metrics
             if m.first_scheduled_s is None:
                 m.first_scheduled_s = now
-        logits = self.runner.run(items, self.loras)
+        carried = self._carry(unread, items) if unread is not None else None
+        outputs: list[RequestOutput] = []
+        if unread is not None and carried is None:
+            outputs = self._read(unread)
+            items = [item for item in items if item.seq.status is SequenceStatus.RUNNING]
+        logits = self.runner.run(items, self.loras, carried) if items else None
         self.scheduler.update(plan)
-        return self._process([item for item in items if item.samples], logits)
+        sampling = [item for item in items if item.samples]
+        if logits is None or not sampling:
+            return outputs
+        if unread is not None and carried is not None:
+            outputs = self._read(unread)  # while the device runs this step
+            self.num_overlapped += 1
+            live = [k for k, item in enumerate(sampling) if item.seq.status is SequenceStatus.RUNNING]
+            if len(live) < len(sampling):
+                logits = logits[torch.tensor(live, dtype=torch.long, device=logits.device)]
+                sampling = [sampling[k] for k in live]
+                if not sampling:
+                    return outputs
+        if self.overlap and self.runner.runs_fixed(items):
+            self._unread = self._defer(sampling, logits)
+            if self._unread is not None:
+                return outputs
+        return outputs + self._process(sampling, logits)
+
+    def _carry(self, unread: _Unread, items: list[ScheduledSeq]) -> Carried | None:
+        """The unread tokens as this step's inputs, when it is a fixed-shape decode step of sequences
+        whose last token is one of them; else None."""
+        if not self.runner.runs_fixed(items):
+            return None
+        row_of = {req.seq: k for k, req in enumerate(unread.reqs)}
+        sources = []
+        for item in items:
+            k = row_of.get(item.seq)
+            if k is None or unread.positions[k] != item.start:
+                return None
+            sources.append(k)
+        return Carried(unread.tokens, sources)
+
+    def _defer(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> _Unread | None:
+        """Sample the step without reading the tokens back; None when a row needs its logprobs or the
+        batched sampling fails (the caller then samples as usual)."""
+        reqs = [self.requests[item.seq.request_id] for item in sampling]
+        if any(req.params.logprobs is not None for req in reqs):
+            return None
+        rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
+        try:
+            tokens = self.sampler.sample_ids(logits, rows)
+        except Exception as e:
+            logger.error("sampling the step failed (%s): sampling it again row by row", type(e).__name__)
+            return None
+        positions = []
+        for req in reqs:
+            req.seq.token_ids.append(_UNREAD)
+            positions.append(req.seq.num_tokens - 1)
+        return _Unread(reqs, positions, tokens)
+
+    def _read(self, unread: _Unread) -> list[RequestOutput]:
+        """Read back a step's tokens (waiting for that step only) and emit them; requests that ended or
+        were aborted since are skipped."""
+        token_ids = unread.tokens.tolist()
+        reqs: list[_Request] = []
+        read: list[int | None] = []
+        for req, position, token_id in zip(unread.reqs, unread.positions, token_ids, strict=True):
+            if self.requests.get(req.seq.request_id) is req:
+                req.seq.token_ids[position] = token_id
+                reqs.append(req)
+                read.append(token_id)
+        return self._emit(reqs, read, [None] * len(reqs))
 
     def _process(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
         reqs = [self.requests[item.seq.request_id] for item in sampling]
         rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
         token_ids, logprobs = self._sample(reqs, logits, rows)
+        for req, token_id in zip(reqs, token_ids, strict=True):
+            if token_id is not None:
+                req.seq.token_ids.append(token_id)
+        return self._emit(reqs, token_ids, logprobs)
+
+    def _emit(
+        self, reqs: list[_Request], token_ids: list[int | None], logprobs: list[Logprobs | None]
+    ) -> list[RequestOutput]:
+        """Each request's increment for its new token, already the last of its sequence (None: its
+        sampling failed, and the request with it); finished requests are let go."""
         now = time.monotonic()
         outputs = []
         for i, req in enumerate(reqs):
             token_id = token_ids[i]
             if token_id is None:  # its sampling failed: the request has been failed already
                 continue
-            req.seq.token_ids.append(token_id)
             self.num_generation_tokens_total += 1
             try:
                 out = self._advance(req, token_id, now)

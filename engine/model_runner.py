@@ -9,7 +9,7 @@ import torch
 from engine.kv_cache import KVCache
 from engine.lora import LoraSlots
 from engine.model.attention import AttentionBatch, DecodeGroup, DecodeWorkspace, PrefillChunk, key_mask
-from engine.model.decode_graphs import DecodeGraphs
+from engine.model.decode_graphs import Carried, DecodeGraphs
 from engine.model.llama import Llama
 from engine.scheduler import ScheduledSeq, Sequence
 
@@ -42,6 +42,10 @@ class ModelRunner:
         self._position_bytes = cache[0].numel() * cache.element_size()
         self.workspace_budget = int(WORKSPACE_SHARE * 2 * len(kv.keys) * cache.numel() * cache.element_size())
 
+    def runs_fixed(self, items: list[ScheduledSeq]) -> bool:
+        """Whether the step goes through the fixed-shape decode buffers."""
+        return self.graphs is not None and self.graphs.fits(items)
+
     def use_fixed_decode(
         self, max_batch: int, max_model_len: int, capture: bool, lora_units: int = 0
     ) -> None:
@@ -52,10 +56,12 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, items: list[ScheduledSeq], loras: LoraSlots) -> torch.Tensor:
-        """Forward the step; returns logits [N, vocab] (float32) for the items that sample, in order."""
+    def run(self, items: list[ScheduledSeq], loras: LoraSlots, carried: Carried | None = None) -> torch.Tensor:
+        """Forward the step; returns logits [N, vocab] (float32) for the items that sample, in order.
+        `carried` (fixed-shape decode steps only): the input tokens are still on the device."""
         if self.graphs is not None and self.graphs.fits(items):
-            return self.graphs.run(items, loras)
+            return self.graphs.run(items, loras, carried)
+        assert carried is None, "only fixed-shape decode steps take their tokens from the device"
         inputs = self.prepare(items)
         segments = loras.segments(inputs.spans)
         hidden = self.model(inputs.input_ids, inputs.positions, self.kv, inputs.attention, segments)

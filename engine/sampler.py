@@ -90,18 +90,27 @@ class Sampler:
 
         Advances the generator of every seeded row that samples (temperature > 0) by one draw.
         """
-        if logits.dim() != 2 or logits.shape[0] != len(rows):
-            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
-        raw = logits.to(device=self.device, dtype=torch.float32)  # [rows, vocab]; never written to
-        processed = self._apply_penalties(raw, rows)
-        processed = self._suppress_stop_tokens(processed, rows)
-        token_ids = self._choose(processed, rows)  # [rows]
-
+        raw, token_ids = self._pick(logits, rows)
         params = [row.params for row in rows]
         logprobs: list[Logprobs | None] = [None] * len(rows)
         if any(p.logprobs is not None for p in params):
             logprobs = _gather_logprobs(raw, token_ids, params)
         return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)
+
+    def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
+        """The tokens `sample` picks, as a [rows] int64 tensor on the device, without logprobs. Greedy
+        rows and draws over the whole vocabulary leave the host free; top-k/top-p read back which rows
+        their candidates decide."""
+        return self._pick(logits, rows)[1]
+
+    def _pick(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the raw logits in float32, the chosen ids [rows])."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits of shape {tuple(logits.shape)} for {len(rows)} rows")
+        raw = logits.to(device=self.device, dtype=torch.float32)  # [rows, vocab]; never written to
+        processed = self._apply_penalties(raw, rows)
+        processed = self._suppress_stop_tokens(processed, rows)
+        return raw, self._choose(processed, rows)
 
     def _apply_penalties(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Repetition, then frequency and presence penalties; id tensors are built only when used."""

@@ -31,7 +31,8 @@ from engine.scheduler import ScheduledSeq
 
 logger = logging.getLogger(__name__)
 
-_IDS, _POSITIONS, _SLOTS, _LENS, _LORA = range(5)
+_IDS, _POSITIONS, _SLOTS, _LENS, _LORA, _SOURCE = range(6)
+_VECTORS = 6
 GraphKey = tuple[int, tuple[int, ...], bool]
 
 
@@ -44,6 +45,15 @@ def batch_buckets(max_batch: int) -> list[int]:
         if size >= max_batch:
             return sizes
         size = size * 2 if size < 16 else size + 16
+
+
+@dataclass
+class Carried:
+    """The sampled tokens [m] of a step the host has not read back, and for each item of the next step
+    the row among them that holds its input token."""
+
+    tokens: torch.Tensor
+    sources: list[int]
 
 
 @dataclass
@@ -81,14 +91,14 @@ class DecodeGraphs:
         device = kv.keys[0].device
         rows = self.buckets[-1]
         self.width = -(-max_model_len // block_size)
-        # A step of bucket b reads its five input vectors as the first 5 b entries ([5, b]) and its block
+        # A step of bucket b reads its input vectors as the first 6 b entries ([6, b]) and its block
         # tables as the first b rows, so each is one contiguous copy from the host. The host side is
         # pinned on CUDA, which makes those copies asynchronous (the last step's were done before its
         # logits were read).
         pin = device.type == "cuda"
-        self.vectors = torch.zeros(5 * rows, dtype=torch.long, device=device)
+        self.vectors = torch.zeros(_VECTORS * rows, dtype=torch.long, device=device)
         self.tables = torch.zeros(rows, self.width, dtype=torch.long, device=device)
-        self.host_vectors = torch.zeros(5 * rows, dtype=torch.long, pin_memory=pin)
+        self.host_vectors = torch.zeros(_VECTORS * rows, dtype=torch.long, pin_memory=pin)
         self.host_tables = torch.zeros(rows, self.width, dtype=torch.long, pin_memory=pin)
         # Recorded after each step's copies: the next step waits on it before rewriting the host side, in
         # case a step failed before anything waited for its device work.
@@ -108,14 +118,15 @@ class DecodeGraphs:
         """Whether the step is decode-only and small enough for the largest bucket."""
         return len(items) <= self.buckets[-1] and all(i.num_new_tokens == 1 and i.samples for i in items)
 
-    def run(self, items: list[ScheduledSeq], loras: LoraSlots) -> torch.Tensor:
-        """Logits [len(items), vocab] (float32) for a decode-only step."""
+    def run(self, items: list[ScheduledSeq], loras: LoraSlots, carried: Carried | None = None) -> torch.Tensor:
+        """Logits [len(items), vocab] (float32) for a decode-only step. With `carried`, the items' input
+        tokens are taken on the device from the step before, whose tokens the host has not read yet."""
         n = len(items)
         bucket = next(b for b in self.buckets if b >= n)
         names = list(dict.fromkeys(i.seq.adapter for i in items if i.seq.adapter is not None))
         active = set(names)
         adapters = tuple(loras.resident_adapter(name, active) for name in names)
-        self._fill(items, bucket, {name: j for j, name in enumerate(names)})
+        self._fill(items, bucket, {name: j for j, name in enumerate(names)}, carried)
         need_mask = bool(names) and (len(names) > 1 or any(i.seq.adapter is None for i in items))
         # The rows may also have been laid out again by another DecodeGraphs sharing them (bench.gpu's
         # variants): that changes no LoraSlots version.
@@ -146,7 +157,9 @@ class DecodeGraphs:
         self.num_replays += 1
         return entry.logits[:n]
 
-    def _fill(self, items: list[ScheduledSeq], bucket: int, lora_index: dict[str, int]) -> None:
+    def _fill(
+        self, items: list[ScheduledSeq], bucket: int, lora_index: dict[str, int], carried: Carried | None
+    ) -> None:
         """Copy the step's inputs into the fixed buffers; padding rows read and write the spare block."""
         bs = self.block_size
         ids, positions, slots, lens, lora = [], [], [], [], []
@@ -167,17 +180,23 @@ class DecodeGraphs:
         lens += [1] * pad
         lora += [-1] * pad
         tables += [[self.pad_block]] * pad
+        sources = [0] * bucket if carried is None else carried.sources + [0] * pad
         cols = max(len(t) for t in tables)
         # Columns past a row's own blocks keep stale ids: attention reads only the first `len` positions.
         padded = [t + [self.pad_block] * (cols - len(t)) for t in tables]
         if self.copied is not None:
             self.copied.synchronize()
-        self.host_vectors[: 5 * bucket] = torch.tensor(ids + positions + slots + lens + lora)
+        size = _VECTORS * bucket
+        self.host_vectors[:size] = torch.tensor(ids + positions + slots + lens + lora + sources)
         self.host_tables[:bucket, :cols] = torch.tensor(padded)
-        self.vectors[: 5 * bucket].copy_(self.host_vectors[: 5 * bucket], non_blocking=True)
+        self.vectors[:size].copy_(self.host_vectors[:size], non_blocking=True)
         self.tables[:bucket].copy_(self.host_tables[:bucket], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        if carried is not None:
+            v = self.vectors[:size].view(_VECTORS, bucket)
+            n = len(items)
+            v[_IDS, :n] = carried.tokens.index_select(0, v[_SOURCE, :n])
 
     def _stack(self, adapters: tuple[LoraAdapter, ...]) -> StackedAdapters | RowsStack:
         if self.rows is not None:
@@ -186,7 +205,7 @@ class DecodeGraphs:
 
     def _forward(self, bucket: int, stacked: StackedAdapters | RowsStack, need_mask: bool) -> torch.Tensor:
         """The fixed-shape step on buffers [:bucket]: logits [bucket, vocab]."""
-        v = self.vectors[: 5 * bucket].view(5, bucket)
+        v = self.vectors[: _VECTORS * bucket].view(_VECTORS, bucket)
         attn = AttentionBatch(
             block_size=self.block_size,
             slot_mapping=v[_SLOTS],

@@ -1,0 +1,212 @@
+"""Overlapped decode steps (EngineConfig.overlap_steps): a fixed-shape decode step leaves its tokens on the
+device and the next step reads them back while it runs. Whatever happens in between (stops, aborts,
+arrivals, preemption, logprobs), every request gets the tokens, text and finish it gets without overlap.
+On the CPU the fixed-shape steps run eagerly through the same buffers as on a GPU; `gpu` tests capture."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from engine import AsyncEngine
+from engine.core import EngineCore
+from engine.demo import DemoModel
+from engine.types import RequestOutput, SamplingParams
+from tests.conftest import engine_config
+
+QUESTIONS = (
+    "问：头痛发热三天怎么办？\n答：",
+    "问：失眠多梦。\n答：",
+    "问：咳嗽\n答：",
+    "问：胃胀\n答：",
+    "问：腰痛\n答：",
+)
+ADAPTERS = ["chatmed-tcm", None, "chatmed-consult", "chatmed-tcm", None]
+
+
+def _core(demo: DemoModel, overlap: bool, **overrides: object) -> EngineCore:
+    core = EngineCore(engine_config(demo, overlap_steps=overlap, **overrides))
+    if core.runner.graphs is None:  # the CPU: fixed-shape steps without capture
+        core.runner.use_fixed_decode(16, core.max_model_len, capture=False, lora_units=core.lora_units)
+    return core
+
+
+@pytest.fixture(scope="module")
+def plain(demo: DemoModel) -> EngineCore:
+    return _core(demo, overlap=False)
+
+
+@pytest.fixture(scope="module")
+def overlapped(demo: DemoModel) -> EngineCore:
+    return _core(demo, overlap=True)
+
+
+@pytest.fixture(autouse=True)
+def _leaves_nothing_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Tests on the shared overlapped engine: it overlapped steps, and ends idle with every block free."""
+    if "overlapped" not in request.fixturenames:
+        yield
+        return
+    overlapped = request.getfixturevalue("overlapped")
+    before = overlapped.num_overlapped
+    yield
+    assert not overlapped.has_unfinished()
+    assert overlapped.allocator.num_free == overlapped.allocator.num_blocks
+    assert overlapped.num_overlapped > before, "no step ran while the host read the step before"
+
+
+def _prompts(core: EngineCore) -> list[list[int]]:
+    return [core.tokenizer.encode(q) for q in QUESTIONS]
+
+
+def _same(ours: list[RequestOutput], theirs: list[RequestOutput]) -> None:
+    for a, b in zip(ours, theirs, strict=True):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (
+            b.token_ids,
+            b.text,
+            b.finish_reason,
+            b.stop_reason,
+        )
+
+
+def _params(**common: object) -> list[SamplingParams]:
+    """Greedy and seeded draws (top-p, repetition penalty), lengths that end at different steps."""
+    settings = [(12, 0.0), (5, 0.7), (20, 0.2), (1, 0.0), (9, 1.0)]
+    return [
+        SamplingParams(
+            max_tokens=n, temperature=t, top_p=0.9, repetition_penalty=1.3, seed=i, ignore_eos=True, **common
+        )
+        for i, (n, t) in enumerate(settings)
+    ]
+
+
+def test_overlapped_steps_give_each_request_its_own_tokens(
+    plain: EngineCore, overlapped: EngineCore
+) -> None:
+    prompts = _prompts(plain)
+    _same(overlapped.generate(prompts, _params(), ADAPTERS), plain.generate(prompts, _params(), ADAPTERS))
+
+
+def test_stops_found_in_unread_tokens_end_requests_as_without_overlap(
+    plain: EngineCore, overlapped: EngineCore
+) -> None:
+    """A stop token or string that shows up only when the host reads the tokens: the request's row in the
+    step already running is dropped."""
+    prompts = _prompts(plain)[:3]
+    free = plain.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), ADAPTERS[:3])
+    params = [
+        SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[free[0].token_ids[4]]),
+        SamplingParams(max_tokens=16, temperature=0.0, stop=[free[1].text[3:5]]),
+        SamplingParams(max_tokens=16, temperature=0.0),
+    ]
+    ours = overlapped.generate(prompts, params, ADAPTERS[:3])
+    _same(ours, plain.generate(prompts, params, ADAPTERS[:3]))
+    assert ours[0].stop_reason == free[0].token_ids[4] and len(ours[0].token_ids) <= 5
+    assert ours[1].stop_reason == free[1].text[3:5]
+
+
+def _drive(core: EngineCore, events: dict[int, list[tuple]], steps: int) -> dict[str, list[RequestOutput]]:
+    """Step `core`, adding ("add", id, prompt, params, adapter) or ("abort", id) before the given steps;
+    returns every request's increments."""
+    got: dict[str, list[RequestOutput]] = {}
+    aborted: set[str] = set()
+    for step in range(steps):
+        for event in events.get(step, []):
+            if event[0] == "add":
+                core.add_request(*event[1:])
+                got[event[1]] = []
+            else:
+                assert core.abort(event[1])
+                aborted.add(event[1])
+        for out in core.step():
+            assert out.request_id not in aborted, "an increment after the request was aborted"
+            got[out.request_id].append(out)
+        if step > max(events) and not core.has_unfinished():
+            return got
+    raise AssertionError(f"unfinished after {steps} steps")
+
+
+def test_arrivals_and_aborts_between_overlapped_steps(plain: EngineCore, overlapped: EngineCore) -> None:
+    """Requests join while others decode (their prefill reads the unread tokens first) and one is aborted
+    while its token is unread: the others' increments are those of the same schedule without overlap."""
+    prompts = _prompts(plain)
+    greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    events: dict[int, list[tuple]] = {
+        0: [("add", "a", prompts[0], greedy, "chatmed-tcm"), ("add", "b", prompts[1], sampled, None)],
+        4: [("add", "c", prompts[2], greedy, "chatmed-consult")],
+        6: [("abort", "b")],
+        9: [("add", "d", prompts[3], sampled, None)],
+    }
+    ours, theirs = _drive(overlapped, events, 200), _drive(plain, events, 200)
+    for rid in "acd":
+        assert [o.token_ids for o in ours[rid]] == [o.token_ids for o in theirs[rid]]
+        assert "".join(o.text for o in ours[rid]) == "".join(o.text for o in theirs[rid])
+        assert ours[rid][-1].finished and not any(o.finished for o in ours[rid][:-1])
+    assert not any(o.finished for o in ours["b"])
+    # b streamed no further than without overlap (its unread token is dropped, not sent after the abort)
+    assert [o.token_ids for o in ours["b"]] == [o.token_ids for o in theirs["b"]][: len(ours["b"])]
+
+
+def test_a_request_with_logprobs_reads_its_step_at_once(plain: EngineCore, overlapped: EngineCore) -> None:
+    prompts = _prompts(plain)[:2]
+    params = [
+        SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
+    ]
+    ours, theirs = overlapped.generate(prompts, params, [None, None]), plain.generate(prompts, params, [None, None])
+    _same(ours, theirs)
+    assert ours[0].logprobs == theirs[0].logprobs and ours[0].logprobs is not None
+
+
+def test_requests_up_to_the_context_length_and_through_preemption(demo: DemoModel) -> None:
+    """A request that ends at the last position of the context, and a KV cache so small that sequences
+    are preempted and recomputed while tokens are unread."""
+    kwargs: dict[str, object] = {"num_kv_blocks": 6, "max_model_len": 64}
+    plain, overlapped = _core(demo, False, **kwargs), _core(demo, True, **kwargs)
+    prompts = _prompts(plain)[:3]
+    params = [
+        SamplingParams(max_tokens=64 - len(prompts[0]), temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=25, temperature=0.5, seed=3, ignore_eos=True),
+    ]
+    ours = overlapped.generate(prompts, params, ADAPTERS[:3])
+    _same(ours, plain.generate(prompts, params, ADAPTERS[:3]))
+    assert overlapped.stats().num_preemptions > 0 and overlapped.num_overlapped > 0
+    assert overlapped.allocator.num_free == overlapped.allocator.num_blocks
+    assert len(ours[0].token_ids) == params[0].max_tokens
+
+
+async def test_async_streams_with_overlapped_steps(demo: DemoModel, plain: EngineCore) -> None:
+    engine = AsyncEngine(engine_config(demo, overlap_steps=True))
+    engine.core.runner.use_fixed_decode(16, engine.core.max_model_len, capture=False)
+    engine.start()
+    try:
+        prompts = _prompts(plain)[:3]
+        greedy = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+        async def collect(i: int) -> list[RequestOutput]:
+            return [out async for out in engine.generate(f"s{i}", prompts[i], greedy, ADAPTERS[i])]
+
+        streams = await asyncio.wait_for(asyncio.gather(*(collect(i) for i in range(3))), 60)
+        expected = plain.generate(prompts, greedy, ADAPTERS[:3])
+        for outs, want in zip(streams, expected, strict=True):
+            assert [t for o in outs for t in o.token_ids] == want.token_ids
+            assert "".join(o.text for o in outs) == want.text
+        assert engine.core.num_overlapped > 0
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graphs_with_overlapped_steps_give_the_same_tokens(demo: DemoModel) -> None:
+    graphed = EngineCore(engine_config(demo, device="cuda", overlap_steps=True))
+    reference = EngineCore(engine_config(demo, device="cuda"))
+    prompts = _prompts(graphed)
+    _same(graphed.generate(prompts, _params(), ADAPTERS), reference.generate(prompts, _params(), ADAPTERS))
+    assert graphed.num_overlapped > 0 and graphed.runner.graphs is not None
+    assert graphed.runner.graphs.num_replays > 0
