@@ -66,6 +66,7 @@ _GUARD_LOGPROBS = SamplingParams.MAX_LOGPROBS
 _BASE = "base"
 _MIXED = "mixed 50/50"
 _CUBLAS_LORA = ", cuBLAS LoRA"
+_OVERLAP = ", overlapped steps"  # EngineCore.overlap: off in the engine until a GPU run shows it faster
 # The Triton ops' candidates for the batch-1 step (TritonOps attributes), off in the engine until a GPU
 # run shows them faster: each gets a batch-1 base row, and the attention one a base row per concurrency.
 _CANDIDATES: dict[str, dict[str, object]] = {
@@ -746,10 +747,12 @@ def _run_engine(
         decode_only = len(produced) == len(works)
         preemptions = core.stats().num_preemptions
         began = time.perf_counter()
-        forwards = len(forward_s)
+        forwards, runs = len(forward_s), core.runner.num_steps
         outputs = core.step()
         log.step_s.append(time.perf_counter() - began)
-        if decode_only and core.stats().num_preemptions == preemptions:
+        # (With overlapped steps, the last call may only read the tokens of the step before.)
+        ran = core.runner.num_steps > runs
+        if decode_only and ran and core.stats().num_preemptions == preemptions:
             log.decode_s.append(log.step_s[-1])
             if len(forward_s) == forwards + 1:
                 log.forward_s.append(forward_s[-1])
@@ -795,12 +798,21 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def decode_row(
-    core: EngineCore, work: Work, steps: int, floor: Floor, deadline: float, setup: str | None = None
+    core: EngineCore,
+    work: Work,
+    steps: int,
+    floor: Floor,
+    deadline: float,
+    setup: str | None = None,
+    time_forward: bool = True,
 ) -> Row:
-    """One request alone: the median of `steps` decode steps after a quarter as many warm-up steps."""
+    """One request alone: the median of `steps` decode steps after a quarter as many warm-up steps.
+    `time_forward`: also time the model part (to a device synchronize)."""
     warmup = max(2, steps // 4)
     tag = f"decode-{work.adapter}"
-    _, _, log, partial = run_engine(core, [work], warmup + steps + 1, deadline, tag, time_forward=True)
+    _, _, log, partial = run_engine(
+        core, [work], warmup + steps + 1, deadline, tag, time_forward=time_forward
+    )
     timed, contexts = log.decode_s[warmup:], log.contexts[warmup:]
     adapters = {work.adapter} if work.adapter else set()
     floor_ms = floor.ms(1, _mean(contexts), adapters)
@@ -873,6 +885,22 @@ def variant_row(
             return decode_row(core, works[0], max_tokens, floor, deadline, label)
         run_engine(core, works, 8, deadline, f"warm-{len(works)}-variant")
         return throughput_row(core, works, label, max_tokens, floor, deadline)
+
+
+def overlap_row(
+    core: EngineCore, works: Sequence[Work], setup: str, max_tokens: int, floor: Floor, deadline: float
+) -> Row:
+    """A batch with overlapped steps (each decode step runs while the host reads the one before): batch 1
+    as decode_row without timing the model part, whose synchronize would undo the overlap; larger
+    batches warmed up for 8 tokens, then timed as throughput_row."""
+    saved, core.overlap = core.overlap, True
+    try:
+        if len(works) == 1:
+            return decode_row(core, works[0], max_tokens, floor, deadline, setup, time_forward=False)
+        run_engine(core, works, 8, deadline, f"warm-{len(works)}-overlap")
+        return throughput_row(core, works, setup, max_tokens, floor, deadline)
+    finally:
+        core.overlap = saved
 
 
 def engine_path(core: EngineCore) -> str:
@@ -953,6 +981,14 @@ def engine_rows(
             reserve_s=reserve_s,
         )
         rows += [row] if row is not None else []
+    if core.runner.graphs is not None:
+        label = f"{_BASE}{_OVERLAP}"
+        row = budget.run(
+            f"decode step, batch 1, {label}",
+            partial(overlap_row, core, [Work(prompts[0], None)], label, cfg.decode_steps, floor, deadline),
+            reserve_s=reserve_s,
+        )
+        rows += [row] if row is not None else []
     if core.runner.graphs is not None and core.runner.graphs.capture:
         row = budget.run(
             "decode step, batch 1, base, no CUDA graphs",
@@ -1001,6 +1037,15 @@ def engine_rows(
             row = budget.run(
                 f"throughput, {c} concurrent, {setup}",
                 partial(throughput_row, core, works, setup, cfg.max_tokens, floor, deadline),
+                estimate_s=lower_bound_s,
+                reserve_s=reserve_s,
+            )
+            rows += [row] if row is not None else []
+        if core.runner.graphs is not None:
+            label = f"{_MIXED}{_OVERLAP}"
+            row = budget.run(
+                f"throughput, {c} concurrent, {label}",
+                partial(overlap_row, core, setups[0][1], label, cfg.max_tokens, floor, deadline),
                 estimate_s=lower_bound_s,
                 reserve_s=reserve_s,
             )
@@ -1353,6 +1398,9 @@ def payload(result: BenchResult) -> dict[str, Any]:
         "mixed_over_base": {str(b): r for b, r in mixed_over_base(result.rows).items()},
         "mixed_cublas_lora_over_base": {
             str(b): r for b, r in mixed_over_base(result.rows, _MIXED + _CUBLAS_LORA).items()
+        },
+        "mixed_overlapped_over_base": {
+            str(b): r for b, r in mixed_over_base(result.rows, _MIXED + _OVERLAP).items()
         },
         "decode_profile": [asdict(op) for op in result.decode_profile],
         "phases": [asdict(p) for p in result.phases],

@@ -17,8 +17,8 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequest, PromptTooLong, QueueFull, UnknownAdapter
 from engine.kv_cache import BlockAllocator, KVCache, KVCacheShape
 from engine.lora import LoraAdapter, LoraSlots, read_adapter
-from engine.model.llama import LlamaArgs, load_llama
 from engine.model.decode_graphs import Carried
+from engine.model.llama import LlamaArgs, load_llama
 from engine.model.lora_cpu import load_kernel
 from engine.model_runner import ModelRunner
 from engine.sampler import Logprobs, Sampler, SamplingRow
@@ -58,7 +58,9 @@ class _Unread:
 
     reqs: list[_Request]
     positions: list[int]
-    tokens: torch.Tensor
+    tokens: torch.Tensor  # on the device: the next step's inputs
+    host: torch.Tensor  # their copy in host memory, complete once `copied` has passed
+    copied: torch.cuda.Event | None
 
 
 class EngineCore:
@@ -216,7 +218,8 @@ class EngineCore:
         With `overlap` on, a fixed-shape decode step leaves its sampled tokens on the device and returns
         nothing for them: the next step takes them as its input there, and reads them back while it runs
         (or first, when it needs them on the host: a prefill, a wider batch, a preemption). A request that
-        ended with those tokens has its row in that next step computed and dropped."""
+        ends by length with those tokens gets no row in that step; one that ends on a stop or EOS has its
+        row computed and dropped."""
         plan = self.scheduler.schedule()
         unread, self._unread = self._unread, None
         if not plan.scheduled:
@@ -228,30 +231,37 @@ class EngineCore:
             m = self.requests[item.seq.request_id].metrics
             if m.first_scheduled_s is None:
                 m.first_scheduled_s = now
-        carried = self._carry(unread, items) if unread is not None else None
+        carried: Carried | None = None
         outputs: list[RequestOutput] = []
-        if unread is not None and carried is None:
-            outputs = self._read(unread)
-            items = [item for item in items if item.seq.status is SequenceStatus.RUNNING]
+        if unread is not None:
+            # A sequence whose unread token is its last by length needs no more steps.
+            items = [item for item in items if not self._ends_by_length(item.seq)]
+            carried = self._carry(unread, items) if items else None
+            if carried is None:
+                outputs = self._read(unread)
+                items = [item for item in items if item.seq.status is SequenceStatus.RUNNING]
         logits = self.runner.run(items, self.loras, carried) if items else None
         self.scheduler.update(plan)
         sampling = [item for item in items if item.samples]
-        if logits is None or not sampling:
-            return outputs
-        if unread is not None and carried is not None:
+        if carried is not None and unread is not None and logits is not None:
             outputs = self._read(unread)  # while the device runs this step
             self.num_overlapped += 1
             live = [k for k, item in enumerate(sampling) if item.seq.status is SequenceStatus.RUNNING]
-            if len(live) < len(sampling):
-                logits = logits[torch.tensor(live, dtype=torch.long, device=logits.device)]
+            if len(live) < len(sampling):  # rows of requests that ended with the tokens just read
+                logits = logits[live]
                 sampling = [sampling[k] for k in live]
-                if not sampling:
-                    return outputs
+        if logits is None or not sampling:
+            return outputs
         if self.overlap and self.runner.runs_fixed(items):
             self._unread = self._defer(sampling, logits)
             if self._unread is not None:
                 return outputs
         return outputs + self._process(sampling, logits)
+
+    def _ends_by_length(self, seq: Sequence) -> bool:
+        params = self.requests[seq.request_id].params
+        num_out = seq.num_tokens - seq.num_prompt_tokens
+        return num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _carry(self, unread: _Unread, items: list[ScheduledSeq]) -> Carried | None:
         """The unread tokens as this step's inputs, when it is a fixed-shape decode step of sequences
@@ -279,16 +289,26 @@ class EngineCore:
         except Exception as e:
             logger.error("sampling the step failed (%s): sampling it again row by row", type(e).__name__)
             return None
+        host, copied = tokens, None
+        if tokens.is_cuda:
+            # Copied back right behind the sampling, not behind the next step: a plain .tolist() would
+            # queue after that step's whole forward on the stream and wait for it.
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
         positions = []
         for req in reqs:
             req.seq.token_ids.append(_UNREAD)
             positions.append(req.seq.num_tokens - 1)
-        return _Unread(reqs, positions, tokens)
+        return _Unread(reqs, positions, tokens, host, copied)
 
     def _read(self, unread: _Unread) -> list[RequestOutput]:
         """Read back a step's tokens (waiting for that step only) and emit them; requests that ended or
         were aborted since are skipped."""
-        token_ids = unread.tokens.tolist()
+        if unread.copied is not None:
+            unread.copied.synchronize()
+        token_ids = unread.host.tolist()
         reqs: list[_Request] = []
         read: list[int | None] = []
         for req, position, token_id in zip(unread.reqs, unread.positions, token_ids, strict=True):

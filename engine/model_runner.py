@@ -36,6 +36,7 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         self.graphs: DecodeGraphs | None = None
+        self.num_steps = 0  # forwards run
         # Torch ops: each decode group's workspace, by the group's sequences in row order.
         self.workspaces: dict[tuple[Sequence, ...], DecodeWorkspace] = {}
         cache = kv.keys[0]
@@ -56,9 +57,12 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def run(self, items: list[ScheduledSeq], loras: LoraSlots, carried: Carried | None = None) -> torch.Tensor:
+    def run(
+        self, items: list[ScheduledSeq], loras: LoraSlots, carried: Carried | None = None
+    ) -> torch.Tensor:
         """Forward the step; returns logits [N, vocab] (float32) for the items that sample, in order.
         `carried` (fixed-shape decode steps only): the input tokens are still on the device."""
+        self.num_steps += 1
         if self.graphs is not None and self.graphs.fits(items):
             return self.graphs.run(items, loras, carried)
         assert carried is None, "only fixed-shape decode steps take their tokens from the device"

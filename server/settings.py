@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     enforce_eager: bool = Field(
         default=False, description="on CUDA, run every decode step eagerly instead of replaying CUDA graphs"
     )
+    overlap_steps: bool = Field(
+        default=False,
+        description="on CUDA, run each CUDA-graph decode step while the host reads back the step before's "
+        "tokens (each token reaches its stream one step later)",
+    )
     max_num_seqs: int = Field(default=64, ge=1, description="requests running at once")
     max_model_len: int | None = Field(
         default=None, ge=2, description="context length in tokens; unset: the model's own"
@@ -167,6 +172,7 @@ class Settings(BaseSettings):
             num_threads=self.num_threads
             or (default_cpu_threads() if self.device.split(":")[0] == "cpu" else None),
             enforce_eager=self.enforce_eager,
+            overlap_steps=self.overlap_steps,
         )
 
 

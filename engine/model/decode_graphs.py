@@ -6,7 +6,8 @@ context lengths, block tables and each row's adapter index. Adapters go through 
 adapters side by side: one pair of matmuls per projection for all of them, and a mask per row), so the
 shapes do not depend on how many rows each adapter has; a graph is keyed by the bucket, the resident
 adapters it reads and whether rows need masks. Padding rows point at a block of the KV cache that no
-sequence owns.
+sequence owns. The input token ids may also come from the device (`Carried`): the tokens the step before
+sampled, which the host has not read back yet (EngineCore's overlapped steps).
 
 With `capture=False` the same fixed-shape forward runs eagerly, which is how the CPU tests check it
 against the ordinary path. Capturing needs decode attention that reads only each row's own blocks (the
@@ -118,7 +119,9 @@ class DecodeGraphs:
         """Whether the step is decode-only and small enough for the largest bucket."""
         return len(items) <= self.buckets[-1] and all(i.num_new_tokens == 1 and i.samples for i in items)
 
-    def run(self, items: list[ScheduledSeq], loras: LoraSlots, carried: Carried | None = None) -> torch.Tensor:
+    def run(
+        self, items: list[ScheduledSeq], loras: LoraSlots, carried: Carried | None = None
+    ) -> torch.Tensor:
         """Logits [len(items), vocab] (float32) for a decode-only step. With `carried`, the items' input
         tokens are taken on the device from the step before, whose tokens the host has not read yet."""
         n = len(items)

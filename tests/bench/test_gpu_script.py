@@ -35,6 +35,7 @@ from bench.gpu import (
     main,
     make_prompts,
     mixed,
+    overlap_row,
     plan_shards,
     run_engine,
     variant_row,
@@ -238,6 +239,25 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
     )
     assert row.setup == "base, candidates" and row.output_tokens > 0
     assert not ops.fuse_swiglu and ops.decode_keys_per_step == 64 and core.runner.graphs is graphs
+    assert core.allocator.num_free == core.allocator.num_blocks
+
+
+def test_overlap_rows_overlap_steps_and_give_the_engine_back(workdir: Path) -> None:
+    """The `overlapped steps` rows (on the CPU: fixed-shape steps without capture) run with the engine's
+    overlap on, at batch 1 without the forward timer, and leave it as it was."""
+    shape = get_preset("tiny").shape
+    built = build_model(shape, "float32", torch.device("cpu"), workdir, seed=0)
+    core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64))
+    core.runner.use_fixed_decode(8, core.max_model_len, capture=False, lora_units=core.lora_units)
+    floor = Floor(shape, 4, 10.0, dict(DEMO_ADAPTERS))
+    works = mixed(make_prompts(4, 12, 4000, seed=1), [name for name, _ in DEMO_ADAPTERS])
+    one = overlap_row(core, works[:1], "base, overlapped steps", 6, floor, math.inf)
+    overlapped = core.num_overlapped
+    four = overlap_row(core, works, "mixed 50/50, overlapped steps", 6, floor, math.inf)
+    assert (one.batch, one.output_tokens, four.batch, four.output_tokens) == (1, 6, 4, 24)
+    assert one.step_ms > 0 and math.isnan(one.forward_ms) and four.out_tok_s > 0
+    assert 0 < overlapped < core.num_overlapped
+    assert not core.overlap and not core.has_unfinished()
     assert core.allocator.num_free == core.allocator.num_blocks
 
 

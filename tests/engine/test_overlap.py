@@ -83,9 +83,7 @@ def _params(**common: object) -> list[SamplingParams]:
     ]
 
 
-def test_overlapped_steps_give_each_request_its_own_tokens(
-    plain: EngineCore, overlapped: EngineCore
-) -> None:
+def test_overlapped_steps_give_each_request_its_own_tokens(plain: EngineCore, overlapped: EngineCore) -> None:
     prompts = _prompts(plain)
     _same(overlapped.generate(prompts, _params(), ADAPTERS), plain.generate(prompts, _params(), ADAPTERS))
 
@@ -96,7 +94,9 @@ def test_stops_found_in_unread_tokens_end_requests_as_without_overlap(
     """A stop token or string that shows up only when the host reads the tokens: the request's row in the
     step already running is dropped."""
     prompts = _prompts(plain)[:3]
-    free = plain.generate(prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), ADAPTERS[:3])
+    free = plain.generate(
+        prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True), ADAPTERS[:3]
+    )
     params = [
         SamplingParams(max_tokens=16, temperature=0.0, stop_token_ids=[free[0].token_ids[4]]),
         SamplingParams(max_tokens=16, temperature=0.0, stop=[free[1].text[3:5]]),
@@ -157,7 +157,10 @@ def test_a_request_with_logprobs_reads_its_step_at_once(plain: EngineCore, overl
         SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=2),
         SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True),
     ]
-    ours, theirs = overlapped.generate(prompts, params, [None, None]), plain.generate(prompts, params, [None, None])
+    ours, theirs = (
+        overlapped.generate(prompts, params, [None, None]),
+        plain.generate(prompts, params, [None, None]),
+    )
     _same(ours, theirs)
     assert ours[0].logprobs == theirs[0].logprobs and ours[0].logprobs is not None
 

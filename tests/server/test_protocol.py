@@ -222,6 +222,8 @@ def test_settings_cli_beats_env_beats_defaults(monkeypatch: pytest.MonkeyPatch) 
     assert config.kv_cache_bytes == 64 * 1024**2 and config.max_num_seqs == 7
     assert not config.enforce_eager
     assert Settings.from_args(["--enforce-eager"]).engine_config(Path("/base"), ()).enforce_eager
+    assert not config.overlap_steps
+    assert Settings.from_args(["--overlap-steps"]).engine_config(Path("/base"), ()).overlap_steps
 
 
 def test_cpu_threads_default_to_every_core_but_the_event_loops(monkeypatch: pytest.MonkeyPatch) -> None:
