@@ -21,8 +21,8 @@ from engine.model.decode_graphs import Carried
 from engine.model.llama import LlamaArgs, load_llama
 from engine.model.lora_cpu import load_kernel
 from engine.model_runner import ModelRunner
-from engine.sampler import Logprobs, Sampler, SamplingRow
-from engine.scheduler import ScheduledSeq, Scheduler, Sequence, SequenceStatus
+from engine.sampler import Logprobs, Sampler, SamplingRow, to_device
+from engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput, Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, StopChecker, Tokenizer
 from engine.types import (
     EngineStats,
@@ -61,6 +61,7 @@ class _Unread:
     tokens: torch.Tensor  # on the device: the next step's inputs
     host: torch.Tensor  # their copy in host memory, complete once `copied` has passed
     copied: torch.cuda.Event | None
+    read: bool = False
 
 
 class EngineCore:
@@ -224,6 +225,14 @@ class EngineCore:
         unread, self._unread = self._unread, None
         if not plan.scheduled:
             return self._read(unread) if unread is not None else []
+        try:
+            return self._step(plan, unread)
+        except BaseException:
+            if unread is not None and not unread.read:
+                self._unread = unread  # not lost with the step: the next step reads them
+            raise
+
+    def _step(self, plan: SchedulerOutput, unread: _Unread | None) -> list[RequestOutput]:
         # Adjacent equal adapters give one LoRA segment each (None, the base, sorts first).
         items = sorted(plan.scheduled, key=lambda s: s.seq.adapter or "")
         now = time.monotonic()
@@ -248,7 +257,7 @@ class EngineCore:
             self.num_overlapped += 1
             live = [k for k, item in enumerate(sampling) if item.seq.status is SequenceStatus.RUNNING]
             if len(live) < len(sampling):  # rows of requests that ended with the tokens just read
-                logits = logits[live]
+                logits = logits.index_select(0, to_device(live, torch.long, logits.device))
                 sampling = [sampling[k] for k in live]
         if logits is None or not sampling:
             return outputs
@@ -284,10 +293,14 @@ class EngineCore:
         if any(req.params.logprobs is not None for req in reqs):
             return None
         rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
+        # Should the batch fail, the usual path samples it again: seeded rows must draw as if only it had.
+        seeded = [(g, g.get_state()) for g in (r.generator for r in reqs) if g is not None]
         try:
             tokens = self.sampler.sample_ids(logits, rows)
         except Exception as e:
-            logger.error("sampling the step failed (%s): sampling it again row by row", type(e).__name__)
+            logger.error("sampling the step failed (%s): sampling it again as usual", type(e).__name__)
+            for generator, state in seeded:
+                generator.set_state(state)
             return None
         host, copied = tokens, None
         if tokens.is_cuda:
@@ -309,6 +322,7 @@ class EngineCore:
         if unread.copied is not None:
             unread.copied.synchronize()
         token_ids = unread.host.tolist()
+        unread.read = True
         reqs: list[_Request] = []
         read: list[int | None] = []
         for req, position, token_id in zip(unread.reqs, unread.positions, token_ids, strict=True):

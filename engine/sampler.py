@@ -98,9 +98,9 @@ class Sampler:
         return SampleResult(token_ids=token_ids.tolist(), logprobs=logprobs)
 
     def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
-        """The tokens `sample` picks, as a [rows] int64 tensor on the device, without logprobs. Greedy
-        rows and draws over the whole vocabulary leave the host free; top-k/top-p read back which rows
-        their candidates decide."""
+        """The tokens `sample` picks, as a [rows] int64 tensor on the device, without logprobs. Nothing
+        here waits for the device unless a row has top-k or top-p: truncation reads back which rows its
+        first candidates decide."""
         return self._pick(logits, rows)[1]
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,7 +121,7 @@ class Sampler:
             logits = apply_repetition_penalty(
                 logits,
                 pad_token_ids(seen, self.vocab_size, self.device),
-                torch.tensor(repetition, dtype=torch.float32, device=self.device),
+                to_device(repetition, torch.float32, self.device),
             )
 
         frequency = [row.params.frequency_penalty for row in rows]
@@ -133,8 +133,8 @@ class Sampler:
             logits = apply_frequency_presence_penalty(
                 logits,
                 counts,
-                torch.tensor(frequency, dtype=torch.float32, device=self.device),
-                torch.tensor(presence, dtype=torch.float32, device=self.device),
+                to_device(frequency, torch.float32, self.device),
+                to_device(presence, torch.float32, self.device),
             )
         return logits
 
@@ -152,10 +152,10 @@ class Sampler:
         if not row_index:
             return logits
         index = (
-            torch.tensor(row_index, dtype=torch.long, device=self.device),
-            torch.tensor(token_index, dtype=torch.long, device=self.device),
+            to_device(row_index, torch.long, self.device),
+            to_device(token_index, torch.long, self.device),
         )
-        return logits.index_put(index, torch.tensor(float("-inf"), device=self.device))
+        return logits.index_put(index, logits.new_full((), float("-inf")))
 
     def _choose(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Greedy rows take the argmax; the others are tempered, truncated and drawn. Returns [rows] ids."""
@@ -169,7 +169,7 @@ class Sampler:
         temperature = [p.temperature for p in sampled_params]
         top_k = [p.top_k for p in sampled_params]
         top_p = [p.top_p for p in sampled_params]
-        scaled = logits / torch.tensor(temperature, dtype=torch.float32, device=self.device).unsqueeze(1)
+        scaled = logits / to_device(temperature, torch.float32, self.device).unsqueeze(1)
         # A tiny repetition penalty or temperature can push logits past float32's range, and softmax over
         # +inf gives NaN: +inf becomes the largest float (those ids share the mass), NaN becomes -inf
         # (never drawn), and -inf stays (suppressed ids).
@@ -181,14 +181,14 @@ class Sampler:
             kept = truncate(
                 scaled,
                 probs,
-                torch.tensor(top_k, dtype=torch.long, device=self.device),
-                torch.tensor(top_p, dtype=torch.float64, device=self.device),
+                to_device(top_k, torch.long, self.device),
+                to_device(top_p, torch.float64, self.device),
             )
             sampled = sample_truncated(scaled, probs, kept, uniforms)
         else:
             sampled = sample_from_probs(probs, uniforms)
         if any(greedy):
-            greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=self.device)
+            greedy_mask = to_device(greedy, torch.bool, self.device)
             sampled = torch.where(greedy_mask, _argmax(logits), sampled)
         return sampled
 
@@ -205,9 +205,21 @@ class Sampler:
                 torch.rand(1, dtype=torch.float64, device=self.device, generator=generators[i])
                 for i in seeded
             ]
-            index = torch.tensor(seeded, dtype=torch.long, device=self.device)
+            index = to_device(seeded, torch.long, self.device)
             uniforms.index_copy_(0, index, torch.cat(own))
         return uniforms
+
+
+def to_device(
+    values: Sequence[float] | Sequence[int] | Sequence[bool], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """A few host values as a tensor on `device`. To a GPU they go from pinned memory without waiting:
+    an ordinary copy to the GPU first waits for all the work queued on the stream, which in an overlapped
+    step (EngineCore) is the forward just launched."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
 
 def pad_token_ids(token_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> torch.Tensor:
@@ -219,6 +231,8 @@ def pad_token_ids(token_ids: Sequence[Sequence[int]], pad_id: int, device: torch
         flat.extend(ids)
         flat.extend(itertools.repeat(pad_id, max_len - len(ids)))
     padded = torch.frombuffer(flat, dtype=torch.long).view(len(token_ids), max_len)
+    if device.type == "cuda":  # as to_device does
+        return padded.pin_memory().to(device, non_blocking=True)
     return padded.to(device=device, copy=True)  # the copy owns its memory; `flat` may go
 
 

@@ -6,12 +6,15 @@ On the CPU the fixed-shape steps run eagerly through the same buffers as on a GP
 from __future__ import annotations
 
 import asyncio
+import itertools
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from engine import AsyncEngine
+from engine import sampler as sampler_module
 from engine.core import EngineCore
 from engine.demo import DemoModel
 from engine.types import RequestOutput, SamplingParams
@@ -106,6 +109,67 @@ def test_stops_found_in_unread_tokens_end_requests_as_without_overlap(
     _same(ours, plain.generate(prompts, params, ADAPTERS[:3]))
     assert ours[0].stop_reason == free[0].token_ids[4] and len(ours[0].token_ids) <= 5
     assert ours[1].stop_reason == free[1].text[3:5]
+
+
+def test_a_failed_batched_sampling_leaves_seeded_draws_as_without_overlap(
+    plain: EngineCore, overlapped: EngineCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When a deferred step's batched sampling raises, the step is sampled again the usual way: the
+    seeded rows' generators are first put back, so each row draws as often as without overlap."""
+    original = sampler_module.sample_truncated
+    failures = itertools.count()
+
+    def flaky(*args: Any) -> torch.Tensor:
+        # Some batches fail, each row alone succeeds; which ones depends on the logits, so both engines
+        # fail at the same steps. Called after the draws.
+        probs = args[1]
+        if probs.shape[0] > 1 and int(probs[0].argmax()) % 3 == 0:
+            next(failures)
+            raise RuntimeError("batched sampling failed")
+        return original(*args)
+
+    monkeypatch.setattr(sampler_module, "sample_truncated", flaky)
+    prompts = _prompts(plain)[:2]
+    params = [
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5 + i, ignore_eos=True)
+        for i in range(2)
+    ]
+    _same(overlapped.generate(prompts, params, [None, None]), plain.generate(prompts, params, [None, None]))
+    assert next(failures) > 2
+
+
+def test_unread_tokens_outlive_a_step_that_raises(
+    plain: EngineCore, overlapped: EngineCore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that fails after taking the unread tokens (here its forward) leaves them for the next."""
+    prompts = _prompts(plain)[:2]
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for i, prompt in enumerate(prompts):
+        overlapped.add_request(f"x{i}", prompt, params)
+    got: dict[str, list[int]] = {"x0": [], "x1": []}
+    run = overlapped.runner.run
+    failed = False
+
+    def fails_once(*args: Any) -> torch.Tensor:
+        nonlocal failed
+        if not failed and args[2] is not None:  # a step that carries unread tokens
+            failed = True
+            raise RuntimeError("the forward failed")
+        return run(*args)
+
+    monkeypatch.setattr(overlapped.runner, "run", fails_once)
+    for _ in range(100):
+        if not overlapped.has_unfinished():
+            break
+        try:
+            outputs = overlapped.step()
+        except RuntimeError:
+            continue
+        for out in outputs:
+            got[out.request_id] += out.token_ids
+    assert failed
+    expected = plain.generate(prompts, params)
+    assert [got["x0"], got["x1"]] == [e.token_ids for e in expected]
 
 
 def _drive(core: EngineCore, events: dict[int, list[tuple]], steps: int) -> dict[str, list[RequestOutput]]:
