@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from engine.config import EngineConfig
+from engine.config import PREFILL_STEP_TOKENS, EngineConfig
 from engine.errors import InvalidRequest, PromptTooLong, QueueFull, UnknownAdapter
 from engine.kv_cache import BlockAllocator, KVCache, KVCacheShape
 from engine.lora import LoraAdapter, LoraSlots, read_adapter
@@ -249,6 +249,7 @@ class EngineCore:
             if carried is None:
                 outputs = self._read(unread)
                 items = [item for item in items if item.seq.status is SequenceStatus.RUNNING]
+        self._use_threads(items)
         logits = self.runner.run(items, self.loras, carried) if items else None
         self.scheduler.update(plan)
         sampling = [item for item in items if item.samples]
@@ -266,6 +267,17 @@ class EngineCore:
             if self._unread is not None:
                 return outputs
         return outputs + self._process(sampling, logits)
+
+    def _use_threads(self, items: list[ScheduledSeq]) -> None:
+        """prefill_threads for a step of many tokens, num_threads for the others (the calling thread's
+        OpenMP count)."""
+        config = self.config
+        if config.prefill_threads is None or config.num_threads is None:
+            return
+        big = sum(item.num_new_tokens for item in items) >= PREFILL_STEP_TOKENS
+        threads = config.prefill_threads if big else config.num_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def _ends_by_length(self, seq: Sequence) -> bool:
         params = self.requests[seq.request_id].params

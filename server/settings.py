@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         description="torch CPU threads of the engine; unset on the CPU: every core but one, which the "
         "event loop keeps (at least 1)",
     )
+    prefill_threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads for engine steps of 128 tokens or more (prompts); unset on the "
+        "CPU: every core",
+    )
     enforce_eager: bool = Field(
         default=False, description="on CUDA, run every decode step eagerly instead of replaying CUDA graphs"
     )
@@ -156,6 +162,8 @@ class Settings(BaseSettings):
 
     def engine_config(self, model_path: Path, adapters: tuple[tuple[str, Path], ...]) -> EngineConfig:
         """The engine's frozen config for this base folder and these start-up adapters."""
+        on_cpu = self.device.split(":")[0] == "cpu"
+        num_threads = self.num_threads or (default_cpu_threads() if on_cpu else None)
         return EngineConfig(
             model_path=model_path,
             adapters=adapters,
@@ -169,8 +177,10 @@ class Settings(BaseSettings):
             max_loras=self.max_loras,
             max_cpu_loras=self.max_cpu_loras or max(self.max_loras, EngineConfig.max_cpu_loras),
             max_lora_rank=self.max_lora_rank,
-            num_threads=self.num_threads
-            or (default_cpu_threads() if self.device.split(":")[0] == "cpu" else None),
+            num_threads=num_threads,
+            prefill_threads=(self.prefill_threads or len(os.sched_getaffinity(0)))
+            if on_cpu and num_threads
+            else None,
             enforce_eager=self.enforce_eager,
             overlap_steps=self.overlap_steps,
         )

@@ -163,3 +163,38 @@ def test_one_device_slot_still_serves_every_adapter_correctly(demo: DemoModel, c
     assert [o.token_ids for o in outs] == [r.token_ids for r in reference]
     assert len(narrow.loras.resident) == 1
     assert set(narrow.loras.paths) == {"chatmed-consult", "chatmed-tcm"}
+
+
+def test_steps_of_many_tokens_run_on_the_prefill_threads(
+    demo: DemoModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prompts (a step of PREFILL_STEP_TOKENS tokens or more) on prefill_threads, decode steps on
+    num_threads, switched on the calling thread; the tokens do not depend on it."""
+    import torch
+
+    from engine.config import PREFILL_STEP_TOKENS
+
+    before = torch.get_num_threads()
+    try:
+        core = EngineCore(engine_config(demo, num_threads=1, prefill_threads=2))
+        seen: list[tuple[int, int]] = []
+        run = core.runner.run
+
+        def counted(items, *args):  # type: ignore[no-untyped-def]
+            seen.append((sum(i.num_new_tokens for i in items), torch.get_num_threads()))
+            return run(items, *args)
+
+        monkeypatch.setattr(core.runner, "run", counted)
+        prompts = [p * 12 for p in _prompts(core)[:2]]  # long enough for one step of many tokens
+        params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+        ours = core.generate(prompts, params)
+        assert any(n >= PREFILL_STEP_TOKENS for n, _ in seen) and any(
+            n < PREFILL_STEP_TOKENS for n, _ in seen
+        )
+        assert all(threads == (2 if n >= PREFILL_STEP_TOKENS else 1) for n, threads in seen), seen
+        plain = EngineCore(engine_config(demo, num_threads=1))
+        assert [o.token_ids for o in ours] == [o.token_ids for o in plain.generate(prompts, params)]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="prefill_threads"):
+        engine_config(demo, prefill_threads=2)

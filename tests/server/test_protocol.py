@@ -228,7 +228,11 @@ def test_settings_cli_beats_env_beats_defaults(monkeypatch: pytest.MonkeyPatch) 
 
 def test_cpu_threads_default_to_every_core_but_the_event_loops(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    assert Settings.from_args([]).engine_config(Path("/base"), ()).num_threads == 3
+    config = Settings.from_args([]).engine_config(Path("/base"), ())
+    assert (config.num_threads, config.prefill_threads) == (3, 4)  # prompts on every core
+    config = Settings.from_args(["--prefill-threads", "2"]).engine_config(Path("/base"), ())
+    assert (config.num_threads, config.prefill_threads) == (3, 2)
+    assert Settings.from_args(["--device", "cuda"]).engine_config(Path("/base"), ()).prefill_threads is None
     assert Settings.from_args(["--num-threads", "4"]).engine_config(Path("/base"), ()).num_threads == 4
     assert Settings.from_args(["--device", "cuda"]).engine_config(Path("/base"), ()).num_threads is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
