@@ -1041,29 +1041,33 @@ def engine_rows(
                 reserve_s=reserve_s,
             )
             rows += [row] if row is not None else []
+        # Variants of the same batches: (label, measure).
+        mixed_works, base_works = setups[0][1], setups[1][1]
+        variants: list[tuple[str, Callable[[], Row]]] = []
         if core.runner.graphs is not None:
             label = f"{_MIXED}{_OVERLAP}"
-            row = budget.run(
-                f"throughput, {c} concurrent, {label}",
-                partial(overlap_row, core, setups[0][1], label, cfg.max_tokens, floor, deadline),
-                estimate_s=lower_bound_s,
-                reserve_s=reserve_s,
+            variants.append(
+                (label, partial(overlap_row, core, mixed_works, label, cfg.max_tokens, floor, deadline))
             )
-            rows += [row] if row is not None else []
         if kernels:
-            row = budget.run(
-                f"throughput, {c} concurrent, {_MIXED}{_CUBLAS_LORA}",
-                partial(cublas_lora_row, core, setups[0][1], _MIXED, cfg.max_tokens, floor, deadline),
-                estimate_s=lower_bound_s,
-                reserve_s=reserve_s,
+            variants.append(
+                (
+                    f"{_MIXED}{_CUBLAS_LORA}",
+                    partial(cublas_lora_row, core, mixed_works, _MIXED, cfg.max_tokens, floor, deadline),
+                )
             )
-            rows += [row] if row is not None else []
             label, settings = f"{_BASE}, {_WIDE_ATTENTION}", _CANDIDATES[_WIDE_ATTENTION]
+            variants.append(
+                (
+                    label,
+                    partial(
+                        variant_row, core, base_works, label, cfg.max_tokens, floor, deadline, **settings
+                    ),
+                )
+            )
+        for label, measure in variants:
             row = budget.run(
-                f"throughput, {c} concurrent, {label}",
-                partial(variant_row, core, setups[1][1], label, cfg.max_tokens, floor, deadline, **settings),
-                estimate_s=lower_bound_s,
-                reserve_s=reserve_s,
+                f"throughput, {c} concurrent, {label}", measure, estimate_s=lower_bound_s, reserve_s=reserve_s
             )
             rows += [row] if row is not None else []
     return rows

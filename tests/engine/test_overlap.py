@@ -20,15 +20,7 @@ from engine.core import EngineCore
 from engine.demo import DemoModel
 from engine.types import RequestOutput, SamplingParams
 from tests.conftest import engine_config
-
-QUESTIONS = (
-    "问：头痛发热三天怎么办？\n答：",
-    "问：失眠多梦。\n答：",
-    "问：咳嗽\n答：",
-    "问：胃胀\n答：",
-    "问：腰痛\n答：",
-)
-ADAPTERS = ["chatmed-tcm", None, "chatmed-consult", "chatmed-tcm", None]
+from tests.engine.test_decode_graphs import ADAPTERS, QUESTIONS
 
 
 def _core(demo: DemoModel, overlap: bool, **overrides: object) -> EngineCore:
