@@ -67,6 +67,8 @@ _BASE = "base"
 _MIXED = "mixed 50/50"
 _CUBLAS_LORA = ", cuBLAS LoRA"
 _OVERLAP = ", overlapped steps"  # EngineCore.overlap: off in the engine until a GPU run shows it faster
+_SAMPLED = ", ChatMed sampling"
+_CHATMED_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.3}  # CHATMED.md's defaults
 # The Triton ops' candidates for the batch-1 step (TritonOps attributes), off in the engine until a GPU
 # run shows them faster: each gets a batch-1 base row, and the attention one a base row per concurrency.
 _CANDIDATES: dict[str, dict[str, object]] = {
@@ -706,8 +708,10 @@ def run_engine(
     deadline: float,
     tag: str,
     time_forward: bool = False,
+    chatmed_sampling: bool = False,
 ) -> tuple[int, float, StepLog, bool]:
-    """All requests added at once and stepped to completion, or aborted at `deadline`.
+    """All requests added at once and stepped to completion, or aborted at `deadline`; greedy, or with
+    `chatmed_sampling` ChatMed's sampling defaults (seeded per request).
     Returns (output tokens, seconds from the first add to the last token, step log, partial).
 
     A step is decode-only when every request still running had its first token before it (all were
@@ -715,7 +719,7 @@ def run_engine(
     decode-only step's model part: `ModelRunner.run` timed to a device synchronize."""
     sync = partial(synchronize, core.device)
     with call_timer(core.runner, "run", sync) if time_forward else nullcontext([]) as forward_s:
-        return _run_engine(core, works, max_tokens, deadline, tag, forward_s)
+        return _run_engine(core, works, max_tokens, deadline, tag, forward_s, chatmed_sampling)
 
 
 def _run_engine(
@@ -725,14 +729,17 @@ def _run_engine(
     deadline: float,
     tag: str,
     forward_s: list[float],
+    chatmed_sampling: bool = False,
 ) -> tuple[int, float, StepLog, bool]:
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     request_ids = [f"{tag}-{i}" for i in range(len(works))]
     produced: dict[str, int] = {}
     log = StepLog()
     prompt_len = statistics.fmean(len(w.prompt_ids) for w in works)
     start = time.perf_counter()
-    for request_id, work in zip(request_ids, works, strict=True):
+    for i, (request_id, work) in enumerate(zip(request_ids, works, strict=True)):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        if chatmed_sampling:
+            params = replace(params, **_CHATMED_SAMPLING, seed=i)
         core.add_request(request_id, work.prompt_ids, params, work.adapter)
     partial = False
     # Every step yields at least one token, so this bounds the loop (with room for preemptions).
@@ -805,13 +812,14 @@ def decode_row(
     deadline: float,
     setup: str | None = None,
     time_forward: bool = True,
+    chatmed_sampling: bool = False,
 ) -> Row:
     """One request alone: the median of `steps` decode steps after a quarter as many warm-up steps.
     `time_forward`: also time the model part (to a device synchronize)."""
     warmup = max(2, steps // 4)
     tag = f"decode-{work.adapter}"
     _, _, log, partial = run_engine(
-        core, [work], warmup + steps + 1, deadline, tag, time_forward=time_forward
+        core, [work], warmup + steps + 1, deadline, tag, time_forward, chatmed_sampling
     )
     timed, contexts = log.decode_s[warmup:], log.contexts[warmup:]
     adapters = {work.adapter} if work.adapter else set()
@@ -888,15 +896,23 @@ def variant_row(
 
 
 def overlap_row(
-    core: EngineCore, works: Sequence[Work], setup: str, max_tokens: int, floor: Floor, deadline: float
+    core: EngineCore,
+    works: Sequence[Work],
+    setup: str,
+    max_tokens: int,
+    floor: Floor,
+    deadline: float,
+    overlap: bool = True,
+    chatmed_sampling: bool = False,
 ) -> Row:
-    """A batch with overlapped steps (each decode step runs while the host reads the one before): batch 1
-    as decode_row without timing the model part, whose synchronize would undo the overlap; larger
-    batches warmed up for 8 tokens, then timed as throughput_row."""
-    saved, core.overlap = core.overlap, True
+    """A batch with overlapped steps (each decode step runs while the host reads the one before), or
+    without (`overlap` False: its twin): batch 1 as decode_row without timing the model part, whose
+    synchronize would undo the overlap, greedy or with ChatMed's sampling; larger batches (greedy) warmed
+    up for 8 tokens, then timed as throughput_row."""
+    saved, core.overlap = core.overlap, overlap
     try:
         if len(works) == 1:
-            return decode_row(core, works[0], max_tokens, floor, deadline, setup, time_forward=False)
+            return decode_row(core, works[0], max_tokens, floor, deadline, setup, False, chatmed_sampling)
         run_engine(core, works, 8, deadline, f"warm-{len(works)}-overlap")
         return throughput_row(core, works, setup, max_tokens, floor, deadline)
     finally:
@@ -982,13 +998,21 @@ def engine_rows(
         )
         rows += [row] if row is not None else []
     if core.runner.graphs is not None:
-        label = f"{_BASE}{_OVERLAP}"
-        row = budget.run(
-            f"decode step, batch 1, {label}",
-            partial(overlap_row, core, [Work(prompts[0], None)], label, cfg.decode_steps, floor, deadline),
-            reserve_s=reserve_s,
-        )
-        rows += [row] if row is not None else []
+        # Greedy overlapped; then ChatMed's sampling (top-p reads back its candidates) without and with.
+        for label, overlap, sampled in (
+            (f"{_BASE}{_OVERLAP}", True, False),
+            (f"{_BASE}{_SAMPLED}", False, True),
+            (f"{_BASE}{_SAMPLED}{_OVERLAP}", True, True),
+        ):
+            work = Work(prompts[0], None)
+            row = budget.run(
+                f"decode step, batch 1, {label}",
+                partial(
+                    overlap_row, core, [work], label, cfg.decode_steps, floor, deadline, overlap, sampled
+                ),
+                reserve_s=reserve_s,
+            )
+            rows += [row] if row is not None else []
     if core.runner.graphs is not None and core.runner.graphs.capture:
         row = budget.run(
             "decode step, batch 1, base, no CUDA graphs",

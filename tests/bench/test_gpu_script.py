@@ -244,7 +244,8 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
 
 def test_overlap_rows_overlap_steps_and_give_the_engine_back(workdir: Path) -> None:
     """The `overlapped steps` rows (on the CPU: fixed-shape steps without capture) run with the engine's
-    overlap on, at batch 1 without the forward timer, and leave it as it was."""
+    overlap on (their ChatMed-sampling twin without), at batch 1 without the forward timer, and leave it
+    as it was."""
     shape = get_preset("tiny").shape
     built = build_model(shape, "float32", torch.device("cpu"), workdir, seed=0)
     core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64))
@@ -257,6 +258,11 @@ def test_overlap_rows_overlap_steps_and_give_the_engine_back(workdir: Path) -> N
     assert (one.batch, one.output_tokens, four.batch, four.output_tokens) == (1, 6, 4, 24)
     assert one.step_ms > 0 and math.isnan(one.forward_ms) and four.out_tok_s > 0
     assert 0 < overlapped < core.num_overlapped
+    before = core.num_overlapped
+    plain = overlap_row(core, works[:1], "base, ChatMed sampling", 6, floor, math.inf, False, True)
+    assert core.num_overlapped == before and plain.output_tokens == 6
+    sampled = overlap_row(core, works[:1], "sampled, overlapped", 6, floor, math.inf, True, True)
+    assert core.num_overlapped > before and sampled.output_tokens == 6
     assert not core.overlap and not core.has_unfinished()
     assert core.allocator.num_free == core.allocator.num_blocks
 
