@@ -219,8 +219,8 @@ class EngineCore:
         With `overlap` on, a fixed-shape decode step leaves its sampled tokens on the device and returns
         nothing for them: the next step takes them as its input there, and reads them back while it runs
         (or first, when it needs them on the host: a prefill, a wider batch, a preemption). A request that
-        ends by length with those tokens gets no row in that step; one that ends on a stop or EOS has its
-        row computed and dropped."""
+        ends by length with those tokens is not scheduled again (Sequence.ending); one that ends on a stop
+        or EOS has its row computed and dropped."""
         plan = self.scheduler.schedule()
         unread, self._unread = self._unread, None
         if not plan.scheduled:
@@ -243,9 +243,7 @@ class EngineCore:
         carried: Carried | None = None
         outputs: list[RequestOutput] = []
         if unread is not None:
-            # A sequence whose unread token is its last by length needs no more steps.
-            items = [item for item in items if not self._ends_by_length(item.seq)]
-            carried = self._carry(unread, items) if items else None
+            carried = self._carry(unread, items)
             if carried is None:
                 outputs = self._read(unread)
                 items = [item for item in items if item.seq.status is SequenceStatus.RUNNING]
@@ -278,11 +276,6 @@ class EngineCore:
         threads = config.prefill_threads if big else config.num_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-
-    def _ends_by_length(self, seq: Sequence) -> bool:
-        params = self.requests[seq.request_id].params
-        num_out = seq.num_tokens - seq.num_prompt_tokens
-        return num_out >= params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def _carry(self, unread: _Unread, items: list[ScheduledSeq]) -> Carried | None:
         """The unread tokens as this step's inputs, when it is a fixed-shape decode step of sequences
@@ -324,8 +317,12 @@ class EngineCore:
             copied.record()
         positions = []
         for req in reqs:
-            req.seq.token_ids.append(_UNREAD)
-            positions.append(req.seq.num_tokens - 1)
+            seq = req.seq
+            seq.token_ids.append(_UNREAD)
+            positions.append(seq.num_tokens - 1)
+            # Ends by length with this token: the scheduler gives it no further step.
+            num_out = seq.num_tokens - seq.num_prompt_tokens
+            seq.ending = num_out >= req.params.max_tokens or seq.num_tokens >= self.max_model_len
         return _Unread(reqs, positions, tokens, host, copied)
 
     def _read(self, unread: _Unread) -> list[RequestOutput]:

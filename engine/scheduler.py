@@ -25,7 +25,9 @@ class SequenceStatus(enum.Enum):
 
 @dataclass(eq=False)
 class Sequence:
-    """The token state of one request. `num_computed` tokens already have their KV in `block_table`."""
+    """The token state of one request. `num_computed` tokens already have their KV in `block_table`.
+    `ending`: its last token is still being sampled (the engine reads it back later) and ends it, so it
+    needs no further step."""
 
     request_id: str
     token_ids: list[int]
@@ -34,6 +36,7 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
+    ending: bool = False
 
     @property
     def num_tokens(self) -> int:
@@ -109,8 +112,8 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue  # preempted earlier in this loop
+            if seq.status is not SequenceStatus.RUNNING or seq.ending:
+                continue  # preempted earlier in this loop, or done once its last token is read
             num_new = min(seq.num_tokens - seq.num_computed, budget)
             if not self._reserve(seq, num_new, preempted):
                 continue

@@ -99,3 +99,18 @@ def test_a_sequence_waiting_for_a_slot_is_not_starved_by_later_ones() -> None:
     # w could join A's slot, but it came after y, which waits for a slot: w waits too; z needs no slot.
     assert [r for r, _, _ in _run_step(s)] == ["x", "z"]
     assert [q.request_id for q in s.waiting] == ["y", "w"]
+
+
+def test_an_ending_sequence_gets_no_step_and_no_block() -> None:
+    """A running sequence whose last token is still being read back (EngineCore's overlapped steps) is
+    passed over: no row, and no block reserved for a token it will not need."""
+    allocator = BlockAllocator(64, 4)
+    s = Scheduler(allocator, max_num_seqs=8, max_num_batched_tokens=64)
+    a, b = _seq("a", 4), _seq("b", 3)
+    s.add(a)
+    s.add(b)
+    _run_step(s)  # both prefilled; each sampled a token, a's fifth at the start of a new block
+    a.ending = True
+    free = allocator.num_free
+    assert _run_step(s) == [("b", 3, 1)]
+    assert allocator.num_free == free and len(a.block_table) == 1
