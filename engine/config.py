@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _DTYPES = ("float32", "float16", "bfloat16")
-# A step with this many tokens or more runs on prefill_threads: on 2 cores with one engine thread, prompts
-# of 16 streams at once reached their first token about a third sooner on both (bench/README.md).
+# A step with this many prompt tokens or more runs on prefill_threads: on 2 cores with one engine thread,
+# prompts of 16 streams at once reached their first token about a third sooner on both (bench/README.md).
 PREFILL_STEP_TOKENS = 128
 
 
@@ -24,7 +24,7 @@ class EngineConfig:
     max_loras: adapters resident in device slots at once; max_cpu_loras: more kept in host memory.
     enforce_eager: on CUDA, never replay decode steps as CUDA graphs.
     num_threads: torch CPU threads of the engine's steps (None: torch's default).
-    prefill_threads: torch CPU threads for steps of at least PREFILL_STEP_TOKENS tokens (prompts): their
+    prefill_threads: torch CPU threads for steps with at least PREFILL_STEP_TOKENS prompt tokens: their
         long matmuls share cores with the event loop far better than decode steps' short ones (None:
         num_threads; needs num_threads).
     overlap_steps: run each CUDA-graph decode step while the host reads back the tokens of the step
@@ -69,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be positive")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError("num_threads must be positive")
         if self.prefill_threads is not None and (self.prefill_threads < 1 or self.num_threads is None):
             raise ValueError("prefill_threads must be positive and needs num_threads")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -267,12 +267,13 @@ class EngineCore:
         return outputs + self._process(sampling, logits)
 
     def _use_threads(self, items: list[ScheduledSeq]) -> None:
-        """prefill_threads for a step of many tokens, num_threads for the others (the calling thread's
-        OpenMP count)."""
+        """prefill_threads for a step of many prompt tokens (chunks of one token count as decodes),
+        num_threads for the others (the calling thread's OpenMP count)."""
         config = self.config
         if config.prefill_threads is None or config.num_threads is None:
             return
-        big = sum(item.num_new_tokens for item in items) >= PREFILL_STEP_TOKENS
+        prompt_tokens = sum(item.num_new_tokens for item in items if item.num_new_tokens > 1)
+        big = prompt_tokens >= PREFILL_STEP_TOKENS  # not a decode step, however many sequences
         threads = config.prefill_threads if big else config.num_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)

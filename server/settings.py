@@ -62,8 +62,8 @@ class Settings(BaseSettings):
     prefill_threads: int | None = Field(
         default=None,
         ge=1,
-        description="torch CPU threads for engine steps of 128 tokens or more (prompts); unset on the "
-        "CPU: every core",
+        description="torch CPU threads for engine steps with 128 prompt tokens or more; unset: every "
+        "core on the CPU, or --num-threads when that is given",
     )
     enforce_eager: bool = Field(
         default=False, description="on CUDA, run every decode step eagerly instead of replaying CUDA graphs"
@@ -178,12 +178,19 @@ class Settings(BaseSettings):
             max_cpu_loras=self.max_cpu_loras or max(self.max_loras, EngineConfig.max_cpu_loras),
             max_lora_rank=self.max_lora_rank,
             num_threads=num_threads,
-            prefill_threads=(self.prefill_threads or len(os.sched_getaffinity(0)))
-            if on_cpu and num_threads
-            else None,
+            prefill_threads=self._prefill_threads(on_cpu, num_threads),
             enforce_eager=self.enforce_eager,
             overlap_steps=self.overlap_steps,
         )
+
+    def _prefill_threads(self, on_cpu: bool, num_threads: int | None) -> int | None:
+        """--prefill-threads when given (with a thread count for the other steps); on the CPU, with
+        neither flag, every core; an explicit --num-threads alone bounds every step."""
+        if num_threads is None:
+            return None
+        if self.prefill_threads is not None:
+            return self.prefill_threads
+        return len(os.sched_getaffinity(0)) if on_cpu and self.num_threads is None else None
 
 
 def default_cpu_threads() -> int:

@@ -168,7 +168,7 @@ def test_one_device_slot_still_serves_every_adapter_correctly(demo: DemoModel, c
 def test_steps_of_many_tokens_run_on_the_prefill_threads(
     demo: DemoModel, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Prompts (a step of PREFILL_STEP_TOKENS tokens or more) on prefill_threads, decode steps on
+    """Prompts (a step of PREFILL_STEP_TOKENS prompt tokens or more) on prefill_threads, decode steps on
     num_threads, switched on the calling thread; the tokens do not depend on it."""
     import torch
 
@@ -181,7 +181,9 @@ def test_steps_of_many_tokens_run_on_the_prefill_threads(
         run = core.runner.run
 
         def counted(items, *args):  # type: ignore[no-untyped-def]
-            seen.append((sum(i.num_new_tokens for i in items), torch.get_num_threads()))
+            seen.append(
+                (sum(i.num_new_tokens for i in items if i.num_new_tokens > 1), torch.get_num_threads())
+            )
             return run(items, *args)
 
         monkeypatch.setattr(core.runner, "run", counted)
@@ -198,3 +200,5 @@ def test_steps_of_many_tokens_run_on_the_prefill_threads(
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="prefill_threads"):
         engine_config(demo, prefill_threads=2)
+    with pytest.raises(ValueError, match="num_threads"):
+        engine_config(demo, num_threads=0, prefill_threads=2)

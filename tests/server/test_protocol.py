@@ -233,6 +233,13 @@ def test_cpu_threads_default_to_every_core_but_the_event_loops(monkeypatch: pyte
     config = Settings.from_args(["--prefill-threads", "2"]).engine_config(Path("/base"), ())
     assert (config.num_threads, config.prefill_threads) == (3, 2)
     assert Settings.from_args(["--device", "cuda"]).engine_config(Path("/base"), ()).prefill_threads is None
+    # An explicit --num-threads bounds every step unless --prefill-threads says otherwise.
+    config = Settings.from_args(["--num-threads", "1"]).engine_config(Path("/base"), ())
+    assert (config.num_threads, config.prefill_threads) == (1, None)
+    config = Settings.from_args(["--num-threads", "1", "--prefill-threads", "3"]).engine_config(
+        Path("/base"), ()
+    )
+    assert (config.num_threads, config.prefill_threads) == (1, 3)
     assert Settings.from_args(["--num-threads", "4"]).engine_config(Path("/base"), ()).num_threads == 4
     assert Settings.from_args(["--device", "cuda"]).engine_config(Path("/base"), ()).num_threads is None
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
