@@ -68,7 +68,9 @@ _MIXED = "mixed 50/50"
 _CUBLAS_LORA = ", cuBLAS LoRA"
 _OVERLAP = ", overlapped steps"  # EngineCore.overlap: off in the engine until a GPU run shows it faster
 _SAMPLED = ", ChatMed sampling"
-_CHATMED_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.3}  # CHATMED.md's defaults
+# CHATMED.md's defaults, as server.registry.CHATMED_DEFAULTS has them: not imported, since the server
+# package needs web packages that the GPU host lacks.
+_CHATMED_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.3}
 # The Triton ops' candidates for the batch-1 step (TritonOps attributes), off in the engine until a GPU
 # run shows them faster: each gets a batch-1 base row, and the attention one a base row per concurrency.
 _CANDIDATES: dict[str, dict[str, object]] = {

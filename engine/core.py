@@ -295,10 +295,9 @@ class EngineCore:
     def _defer(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> _Unread | None:
         """Sample the step without reading the tokens back; None when a row needs its logprobs or the
         batched sampling fails (the caller then samples as usual)."""
-        reqs = [self.requests[item.seq.request_id] for item in sampling]
+        reqs, rows = self._rows(sampling)
         if any(req.params.logprobs is not None for req in reqs):
             return None
-        rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
         # Should the batch fail, the usual path samples it again: seeded rows must draw as if only it had.
         seeded = [(g, g.get_state()) for g in (r.generator for r in reqs) if g is not None]
         try:
@@ -342,9 +341,14 @@ class EngineCore:
                 read.append(token_id)
         return self._emit(reqs, read, [None] * len(reqs))
 
-    def _process(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
+    def _rows(self, sampling: list[ScheduledSeq]) -> tuple[list[_Request], list[SamplingRow]]:
+        """The sampling items' requests and their sampler rows."""
         reqs = [self.requests[item.seq.request_id] for item in sampling]
         rows = [SamplingRow(r.params, r.seq.token_ids, r.seq.num_prompt_tokens, r.generator) for r in reqs]
+        return reqs, rows
+
+    def _process(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> list[RequestOutput]:
+        reqs, rows = self._rows(sampling)
         token_ids, logprobs = self._sample(reqs, logits, rows)
         for req, token_id in zip(reqs, token_ids, strict=True):
             if token_id is not None:

@@ -63,7 +63,8 @@ class ModelRunner:
         """Forward the step; returns logits [N, vocab] (float32) for the items that sample, in order.
         `carried` (fixed-shape decode steps only): the input tokens are still on the device."""
         self.num_steps += 1
-        if self.graphs is not None and self.graphs.fits(items):
+        if self.runs_fixed(items):
+            assert self.graphs is not None
             return self.graphs.run(items, loras, carried)
         assert carried is None, "only fixed-shape decode steps take their tokens from the device"
         inputs = self.prepare(items)
