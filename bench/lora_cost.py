@@ -2,7 +2,7 @@
 the CPU LoRA kernel, and with both added by torch matmuls, alternated in one process.
 
     python -m bench.lora_cost [--concurrency 16] [--num-requests 32] [--max-tokens 64] [--rounds 4] \\
-        [--threads N] [--json PATH]
+        [--threads N] [--dtype float32|bfloat16] [--json PATH]
 
 Runs go base, kernel, matmuls, base, kernel, ... for --rounds rounds on the bench model at ChatMed's
 sampling defaults (temperature 0.2, top_p 0.9, repetition penalty 1.3), each request exactly
@@ -90,6 +90,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weight dtype")
     parser.add_argument("--cache-dir", type=Path, default=None, help="demo model cache")
     parser.add_argument("--json", type=Path, default=None, help="write results here")
     return parser.parse_args(argv)
@@ -101,13 +102,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit("--concurrency, --num-requests, --max-tokens and --rounds must be positive")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     load_before = load_note()
-    core = bench_core(build_demo(DemoSpec.bench(), args.cache_dir), args.concurrency, args.threads)
+    demo = build_demo(DemoSpec.bench(), args.cache_dir)
+    core = bench_core(demo, args.concurrency, args.threads, dtype=args.dtype)
     results = measure(core, args.data, args.concurrency, args.num_requests, args.max_tokens, args.rounds)
     print(table(results))
     print(
         f"{args.num_requests} requests, {args.concurrency} concurrent, {args.max_tokens} tokens each, "
         f"both adapters 50/50 (base only: the same prompts without), ChatMed's sampling defaults; "
-        f"torch threads {torch.get_num_threads()}; medians over {args.rounds} alternated rounds"
+        f"{args.dtype}; torch threads {torch.get_num_threads()}; medians over {args.rounds} alternated rounds"
     )
     if KERNEL not in results:
         print("the CPU LoRA kernel is not in use here (no C compiler, or CHATMED_DISABLE_NATIVE_LORA=1)")

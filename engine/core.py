@@ -19,6 +19,7 @@ from engine.kv_cache import BlockAllocator, KVCache, KVCacheShape
 from engine.lora import LoraAdapter, LoraSlots, read_adapter
 from engine.model.decode_graphs import Carried
 from engine.model.llama import LlamaArgs, load_llama
+from engine.model.lora_cpu import DTYPES as LORA_KERNEL_DTYPES
 from engine.model.lora_cpu import load_kernel
 from engine.model_runner import ModelRunner
 from engine.sampler import Logprobs, Sampler, SamplingRow, to_device
@@ -84,7 +85,7 @@ class EngineCore:
         shape = KVCacheShape(a.num_layers, a.num_kv_heads, a.head_dim, config.block_size)
         num_blocks = config.num_kv_blocks or shape.blocks_for_budget(config.kv_cache_bytes, self.dtype)
         self.allocator = BlockAllocator(num_blocks, config.block_size)
-        kernel = load_kernel() if self.device.type == "cpu" and self.dtype == torch.float32 else None
+        kernel = load_kernel() if self.device.type == "cpu" and self.dtype in LORA_KERNEL_DTYPES else None
         self.loras = LoraSlots(config.max_loras, config.max_cpu_loras, self.device, self.dtype, kernel)
         self.scheduler = Scheduler(
             self.allocator, config.max_num_seqs, config.max_num_batched_tokens, self.loras.can_join

@@ -294,7 +294,14 @@ class LoraSlots:
                     packed.append((start, end, adapter.packed))
         plan = None
         # A step of base rows alone gets no plan: SegmentLora then has nothing to add, and no kernel call.
-        if self.kernel is not None and packed and len(packed) == len(out):
+        # Nor does a step of more rows than the kernel is faster for (prompts in bfloat16).
+        rows = sum(end - start for start, end, _ in packed)
+        if (
+            self.kernel is not None
+            and packed
+            and len(packed) == len(out)
+            and self.kernel.suits(self.dtype, rows)
+        ):
             plan = self.kernel.plan(packed)
         return SegmentLora(out, plan)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from engine.kv_cache import KVCache
 from engine.model.attention import AttentionBatch, paged_attention
-from engine.model.lora_cpu import LoraKernel, StepPlan
+from engine.model.lora_cpu import StepPlan
 from engine.model.ops import TorchOps, ops_for
 
 logger = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class SegmentLora(LoraBatch):
         return any(fused in seg.weights[layer] for seg in self.segments)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
-        if self.plan is not None and LoraKernel.accepts(x, y):
+        if self.plan is not None and self.plan.accepts(x, y):
             self.plan.add(y, x, layer * len(FUSED) + _FUSED_INDEX[fused])
             return
         for seg in self.segments:

@@ -9,82 +9,143 @@
  * the shrink sums the input dimension in order, the expand adds the rank terms in order to y. So a
  * sequence's result never depends on what it is batched with.
  *
- * Weights come packed by engine/model/lora_cpu.py in column tiles of W floats, so every inner loop reads
- * memory in order:
+ * Two element types, one entry point each: float32 (chatmed_lora_step) and bfloat16
+ * (chatmed_lora_step_bf16), where x, y and the weights are all bfloat16. In bfloat16 the arithmetic is
+ * float32: the low-rank product stays float32, and each y element is rounded once, after its whole delta
+ * is added (to nearest even, as torch rounds).
+ *
+ * Weights come packed by engine/model/lora_cpu.py in column tiles of W elements, so every inner loop
+ * reads memory in order:
  *   at: [rank_pad / W][in_dim][W]   A^T, rank padded with zero columns up to a multiple of W;
  *   bt: per block, [ceil(cols / W)][rows][W]   the block's rows of B^T, columns padded with zeros.
- * Built by the engine with the host's C compiler; float32. Many rows (a prefill) are split between torch's
+ * Built by the engine with the host's C compiler. Many rows (a prefill) are split between torch's
  * threads: with OpenMP the kernel runs on the runtime torch has loaded (the same libgomp, so the same
  * threads). A few rows stay on the calling thread: splitting so little work lost more to waiting at the
  * barrier, whenever another thread (the server's event loop) held a core, than it gained.
  */
 #include <stdint.h>
 
-#define W 16           /* floats per vector: one AVX-512 register, two AVX2 ones, four NEON ones */
+#define W 16           /* elements per vector: one AVX-512 register of floats, two AVX2 ones, four NEON ones */
 #define MR 8           /* rows computed together */
 #define PARALLEL_ROWS 64 /* from this many rows of one adapter, row blocks are split between threads */
 
 typedef float vec __attribute__((vector_size(4 * W)));
 typedef float vec_u __attribute__((vector_size(4 * W), aligned(4))); /* the same, unaligned access */
+typedef uint32_t bits __attribute__((vector_size(4 * W)));
+typedef uint16_t half __attribute__((vector_size(2 * W)));
+typedef uint16_t half_u __attribute__((vector_size(2 * W), aligned(2)));
 
 typedef struct {
   int64_t in_dim, rank_pad, num_blocks;
-  const float *at;
-  const float *bt;
+  const void *at;
+  const void *bt;
   /* [num_blocks, 5]: rank rows [r0, r1) add to output columns [c0, c1); the block's offset in bt */
   const int64_t *blocks;
 } lora_weights;
 
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE vec load(const float *p) { return *(const vec_u *)p; }
-INLINE void store(float *p, vec v) { *(vec_u *)p = v; }
+/* bfloat16 is the top half of a float32: widening is exact. Narrowing rounds to nearest even and keeps
+ * a NaN a NaN (0x7FC0), as torch does. */
+INLINE vec widen(half h) { return (vec)(__builtin_convertvector(h, bits) << 16); }
 
-/* low[i, :] = x[i, :] A^T for m <= MR rows. */
-INLINE void shrink(const lora_weights *w, int m, const float *x, int64_t xs, float *low) {
+INLINE half narrow(vec v) {
+  bits b = (bits)v;
+  bits rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16;
+  bits nan = (bits)(v != v); /* all ones where v is NaN */
+  return __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0), half);
+}
+
+INLINE float widen1(uint16_t h) {
+  union { uint32_t u; float f; } c = {.u = (uint32_t)h << 16};
+  return c.f;
+}
+
+INLINE uint16_t narrow1(float f) {
+  union { float f; uint32_t u; } c = {.f = f};
+  if (f != f) return 0x7FC0;
+  return (uint16_t)((c.u + 0x7FFF + ((c.u >> 16) & 1)) >> 16);
+}
+
+/* Element i of p, W of them from i, as floats; `bf16` is a constant in every inlined copy. */
+INLINE vec load(const void *p, int64_t i, int bf16) {
+  return bf16 ? widen(*(const half_u *)((const uint16_t *)p + i)) : *(const vec_u *)((const float *)p + i);
+}
+
+INLINE void store(void *p, int64_t i, vec v, int bf16) {
+  if (bf16)
+    *(half_u *)((uint16_t *)p + i) = narrow(v);
+  else
+    *(vec_u *)((float *)p + i) = v;
+}
+
+INLINE float load1(const void *p, int64_t i, int bf16) {
+  return bf16 ? widen1(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+INLINE void store1(void *p, int64_t i, float v, int bf16) {
+  if (bf16)
+    ((uint16_t *)p)[i] = narrow1(v);
+  else
+    ((float *)p)[i] = v;
+}
+
+/* low[i, :] = x[i, :] A^T for m <= MR rows; x is float32 here. */
+INLINE void shrink(const lora_weights *w, int m, const float *x, int64_t xs, float *low, int bf16) {
   for (int64_t r0 = 0; r0 < w->rank_pad; r0 += W) {
     vec acc[MR];
     for (int i = 0; i < m; i++) acc[i] = (vec){0};
-    const float *a = w->at + r0 * w->in_dim;
+    int64_t a = r0 * w->in_dim;
     for (int64_t k = 0; k < w->in_dim; k++) {
-      vec ak = load(a + k * W);
+      vec ak = load(w->at, a + k * W, bf16);
       for (int i = 0; i < m; i++) acc[i] += x[i * xs + k] * ak;
     }
-    for (int i = 0; i < m; i++) store(low + i * w->rank_pad + r0, acc[i]);
+    for (int i = 0; i < m; i++) store(low, i * w->rank_pad + r0, acc[i], 0);
   }
 }
 
 /* y[i, c] += sum_r low[i, r] B^T[r, c] over every block, m <= MR rows. */
-INLINE void expand(const lora_weights *w, int m, const float *low, float *y, int64_t ys) {
+INLINE void expand(const lora_weights *w, int m, const float *low, void *y, int64_t ys, int bf16) {
   for (int64_t b = 0; b < w->num_blocks; b++) {
     const int64_t *blk = w->blocks + 5 * b;
     int64_t r0 = blk[0], rows = blk[1] - blk[0], c0 = blk[2], c1 = blk[3];
-    const float *tile = w->bt + blk[4];
+    int64_t tile = blk[4]; /* the current tile's first element in bt */
     int64_t c = c0;
     for (; c + W <= c1; c += W, tile += rows * W) {
       vec acc[MR];
-      for (int i = 0; i < m; i++) acc[i] = load(y + i * ys + c);
+      for (int i = 0; i < m; i++) acc[i] = load(y, i * ys + c, bf16);
       for (int64_t r = 0; r < rows; r++) {
-        vec br = load(tile + r * W);
+        vec br = load(w->bt, tile + r * W, bf16);
         for (int i = 0; i < m; i++) acc[i] += low[i * w->rank_pad + r0 + r] * br;
       }
-      for (int i = 0; i < m; i++) store(y + i * ys + c, acc[i]);
+      for (int i = 0; i < m; i++) store(y, i * ys + c, acc[i], bf16);
     }
-    /* The last, partial tile (`tile` points at it now): the same sums, column by column. */
+    /* The last, partial tile (`tile` is at it now): the same sums, column by column. */
     for (int64_t j = 0; c < c1; c++, j++)
       for (int i = 0; i < m; i++) {
-        float s = y[i * ys + c];
-        for (int64_t r = 0; r < rows; r++) s += low[i * w->rank_pad + r0 + r] * tile[r * W + j];
-        y[i * ys + c] = s;
+        float s = load1(y, i * ys + c, bf16);
+        for (int64_t r = 0; r < rows; r++) s += low[i * w->rank_pad + r0 + r] * load1(w->bt, tile + r * W + j, bf16);
+        store1(y, i * ys + c, s, bf16);
       }
   }
 }
 
-/* m <= MR rows. */
-INLINE void rows(const lora_weights *w, int m, const float *x, int64_t xs, float *y, int64_t ys) {
+/* m <= MR rows. bfloat16 rows of x are widened once, not once per rank tile. */
+INLINE void rows(const lora_weights *w, int m, const void *x, int64_t xs, void *y, int64_t ys, int bf16) {
   float low[MR * w->rank_pad];
-  shrink(w, m, x, xs, low);
-  expand(w, m, low, y, ys);
+  if (bf16) {
+    int64_t n = w->in_dim;
+    float wide[m * n];
+    for (int i = 0; i < m; i++) {
+      int64_t k = 0;
+      for (; k + W <= n; k += W) store(wide, i * n + k, load(x, i * xs + k, 1), 0);
+      for (; k < n; k++) wide[i * n + k] = load1(x, i * xs + k, 1);
+    }
+    shrink(w, m, wide, n, low, 1);
+  } else {
+    shrink(w, m, (const float *)x, xs, low, 0);
+  }
+  expand(w, m, low, y, ys, bf16);
 }
 
 /* A constant row count for each inlined copy, so that the accumulators stay in registers. */
@@ -101,31 +162,44 @@ INLINE void rows(const lora_weights *w, int m, const float *x, int64_t xs, float
     default: break; /* never: 1 <= m <= MR */ \
   }
 
-/* Rows [first, first + MR) of the n, or fewer at the end. */
-static void row_block(const lora_weights *w, int64_t n, int64_t first, const float *x, int64_t xs, float *y,
-                      int64_t ys) {
+/* Rows [first, first + MR) of the n, or fewer at the end; x and y point at row 0. */
+INLINE void row_block(const lora_weights *w, int64_t n, int64_t first, const void *x, int64_t xs, void *y,
+                      int64_t ys, int bf16) {
   int m = n - first < MR ? (int)(n - first) : MR;
-  x += first * xs;
-  y += first * ys;
-#define ROWS(M) rows(w, M, x, xs, y, ys)
+  const void *xb = bf16 ? (const void *)((const uint16_t *)x + first * xs) : (const void *)((const float *)x + first * xs);
+  void *yb = bf16 ? (void *)((uint16_t *)y + first * ys) : (void *)((float *)y + first * ys);
+#define ROWS(M) rows(w, M, xb, xs, yb, ys, bf16)
   BY_ROWS(m, ROWS)
 #undef ROWS
 }
 
+/* One copy of the row loop per element type. */
+typedef void (*row_block_fn)(const lora_weights *, int64_t, int64_t, const void *, int64_t, void *, int64_t);
+
+static void row_block_f32(const lora_weights *w, int64_t n, int64_t first, const void *x, int64_t xs, void *y,
+                          int64_t ys) {
+  row_block(w, n, first, x, xs, y, ys, 0);
+}
+
+static void row_block_bf16(const lora_weights *w, int64_t n, int64_t first, const void *x, int64_t xs, void *y,
+                           int64_t ys) {
+  row_block(w, n, first, x, xs, y, ys, 1);
+}
+
 /* The n rows of x (row stride xs, columns contiguous) add their delta to the n rows of y (row stride ys). */
-static void add_rows(const lora_weights *w, int64_t n, const float *x, int64_t xs, float *y, int64_t ys,
-                     int64_t threads) {
+static void add_rows(row_block_fn block, const lora_weights *w, int64_t n, const void *x, int64_t xs, void *y,
+                     int64_t ys, int64_t threads) {
   if (w->num_blocks == 0 || n <= 0) return; /* the adapter does not touch this projection */
 #ifdef _OPENMP
   if (threads > 1 && n >= PARALLEL_ROWS) {
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t first = 0; first < n; first += MR) row_block(w, n, first, x, xs, y, ys);
+    for (int64_t first = 0; first < n; first += MR) block(w, n, first, x, xs, y, ys);
     return;
   }
 #else
   (void)threads;
 #endif
-  for (int64_t first = 0; first < n; first += MR) row_block(w, n, first, x, xs, y, ys);
+  for (int64_t first = 0; first < n; first += MR) block(w, n, first, x, xs, y, ys);
 }
 
 typedef struct {
@@ -133,12 +207,23 @@ typedef struct {
   const lora_weights *sites; /* its adapter's weights, one entry per layer and fused projection */
 } lora_segment;
 
-/* One projection of one step: each segment's rows of y get their adapter's delta for projection `site`. */
-void chatmed_lora_step(const lora_segment *segments, int64_t num_segments, int64_t site, const float *x,
-                       int64_t xs, float *y, int64_t ys, int64_t threads) {
+static void step(row_block_fn block, int64_t elem_size, const lora_segment *segments, int64_t num_segments,
+                 int64_t site, const char *x, int64_t xs, char *y, int64_t ys, int64_t threads) {
   for (int64_t s = 0; s < num_segments; s++) {
     const lora_segment *seg = segments + s;
-    add_rows(seg->sites + site, seg->end - seg->start, x + seg->start * xs, xs, y + seg->start * ys, ys,
-             threads);
+    add_rows(block, seg->sites + site, seg->end - seg->start, x + seg->start * xs * elem_size, xs,
+             y + seg->start * ys * elem_size, ys, threads);
   }
+}
+
+/* One projection of one step: each segment's rows of y get their adapter's delta for projection `site`.
+ * Strides are in elements. */
+void chatmed_lora_step(const lora_segment *segments, int64_t num_segments, int64_t site, const float *x,
+                       int64_t xs, float *y, int64_t ys, int64_t threads) {
+  step(row_block_f32, 4, segments, num_segments, site, (const char *)x, xs, (char *)y, ys, threads);
+}
+
+void chatmed_lora_step_bf16(const lora_segment *segments, int64_t num_segments, int64_t site, const uint16_t *x,
+                            int64_t xs, uint16_t *y, int64_t ys, int64_t threads) {
+  step(row_block_bf16, 2, segments, num_segments, site, (const char *)x, xs, (char *)y, ys, threads);
 }

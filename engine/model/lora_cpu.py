@@ -64,11 +64,20 @@ class _Segment(ctypes.Structure):
     _fields_ = [("start", ctypes.c_int64), ("end", ctypes.c_int64), ("sites", ctypes.c_void_p)]
 
 
+# The element types the kernel reads and writes: x, y and the packed weights are all of one of them.
+DTYPES = (torch.float32, torch.bfloat16)
+# The most rows of one step the kernel takes, per dtype. Beyond it torch's matmuls are faster: in
+# bfloat16 they run on the CPU's matrix units where it has them (AMX), and on this project's machine
+# they overtook the kernel between 256 and 512 rows. In float32 the kernel was ahead at every size
+# measured (1024 rows included).
+MAX_ROWS: dict[torch.dtype, int | None] = {torch.float32: None, torch.bfloat16: 256}
+
+
 def _tiles(m: torch.Tensor) -> torch.Tensor:
     """[rows, cols] -> [ceil(cols / TILE), rows, TILE], zero-padded: the kernel's column-tile layout."""
     rows, cols = m.shape
     padded = -(-cols // TILE) * TILE
-    out = torch.zeros(rows, padded, dtype=torch.float32)
+    out = torch.zeros(rows, padded, dtype=m.dtype)
     out[:, :cols] = m
     return out.view(rows, padded // TILE, TILE).transpose(0, 1).contiguous()
 
@@ -76,9 +85,14 @@ def _tiles(m: torch.Tensor) -> torch.Tensor:
 class PackedAdapter:
     """One adapter's weights in the kernel's layout, one entry per site (layer and fused projection, in
     the order the caller numbers them). `sites[i]` is (A [r, in], B^T [r, out], B^T's non-zero blocks),
-    or None where the adapter does not touch that projection."""
+    or None where the adapter does not touch that projection. The weights keep their dtype, one of
+    DTYPES (float32 where there is no site)."""
 
     def __init__(self, sites: list[tuple[torch.Tensor, torch.Tensor, tuple[Block, ...]] | None]) -> None:
+        dtypes = {t.dtype for site in sites if site is not None for t in site[:2]}
+        if len(dtypes) > 1 or not dtypes <= set(DTYPES):
+            raise ValueError(f"the kernel packs weights of one dtype among {DTYPES}, not {dtypes}")
+        self.dtype = dtypes.pop() if dtypes else torch.float32
         self._table = (_Weights * len(sites))()  # zeroed: num_blocks 0 means "no delta"
         self._keep: list[torch.Tensor] = []  # the tensors the table points into
         self.num_bytes = 0
@@ -92,10 +106,10 @@ class PackedAdapter:
         self.address = ctypes.addressof(self._table)
 
     def _fill(self, entry: _Weights, a: torch.Tensor, b_t: torch.Tensor, blocks: tuple[Block, ...]) -> None:
-        at = _tiles(a.t().float())  # [rank_pad / TILE, in, TILE]
+        at = _tiles(a.t())  # [rank_pad / TILE, in, TILE]
         packed, rows, offset = [], [], 0
         for r0, r1, c0, c1 in blocks:
-            tiles = _tiles(b_t[r0:r1, c0:c1].float())
+            tiles = _tiles(b_t[r0:r1, c0:c1])
             packed.append(tiles.flatten())
             rows.append([r0, r1, c0, c1, offset])
             offset += tiles.numel()
@@ -110,7 +124,10 @@ class PackedAdapter:
 class StepPlan:
     """The row segments of one step, each with its adapter: one kernel call per projection."""
 
-    def __init__(self, step: Callable[..., None], segments: list[tuple[int, int, PackedAdapter]]) -> None:
+    def __init__(
+        self, step: Callable[..., None], dtype: torch.dtype, segments: list[tuple[int, int, PackedAdapter]]
+    ) -> None:
+        self.dtype = dtype
         self._segments = (_Segment * len(segments))(*(_Segment(s, e, p.address) for s, e, p in segments))
         self._adapters = [p for _, _, p in segments]  # keep the tables alive while the plan is
         self._rows = max((end for _, end, _ in segments), default=0)
@@ -119,8 +136,10 @@ class StepPlan:
 
     def add(self, y: torch.Tensor, x: torch.Tensor, site: int) -> None:
         """y[seg] += (x[seg] A^T) B^T for every segment, with its adapter's weights of `site`. x and y:
-        float32 CPU tensors [T, *] with contiguous columns (LoraKernel.accepts). A segment of many rows
+        CPU tensors [T, *] of the plan's dtype with contiguous columns (`accepts`). A segment of many rows
         runs on torch's threads. Shapes are checked here: the C code trusts them."""
+        if not self.accepts(x, y):
+            raise ValueError(f"the plan takes {self.dtype} CPU tensors with contiguous columns")
         if min(x.shape[0], y.shape[0]) < self._rows:
             raise ValueError(f"the plan covers {self._rows} rows; x has {x.shape[0]}, y {y.shape[0]}")
         for adapter in self._adapters:
@@ -130,32 +149,45 @@ class StepPlan:
         xs, ys = x.stride(0), y.stride(0)
         self._step(self._address, len(self._adapters), site, x.data_ptr(), xs, y.data_ptr(), ys, _threads())
 
-
-class LoraKernel:
-    """The loaded library."""
-
-    def __init__(self, library: Path) -> None:
-        self._step = ctypes.CDLL(str(library)).chatmed_lora_step
-        self._step.restype = None
-        i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        self._step.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64]
-        self.library = library
-
-    def plan(self, segments: list[tuple[int, int, PackedAdapter]]) -> StepPlan:
-        """A step's plan: rows [start, end) use the packed adapter."""
-        return StepPlan(self._step, segments)
-
-    @staticmethod
-    def accepts(x: torch.Tensor, y: torch.Tensor) -> bool:
+    def accepts(self, x: torch.Tensor, y: torch.Tensor) -> bool:
         """Whether the kernel can read x and write y in place."""
         return (
-            x.dtype == torch.float32
-            and y.dtype == torch.float32
+            x.dtype == self.dtype
+            and y.dtype == self.dtype
             and x.device.type == "cpu"
             and y.device.type == "cpu"
             and x.stride(1) == 1
             and y.stride(1) == 1
         )
+
+
+class LoraKernel:
+    """The loaded library: one entry point per element type."""
+
+    def __init__(self, library: Path) -> None:
+        lib = ctypes.CDLL(str(library))
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        self._steps: dict[torch.dtype, Callable[..., None]] = {}
+        entry_points = {torch.float32: lib.chatmed_lora_step, torch.bfloat16: lib.chatmed_lora_step_bf16}
+        for dtype, step in entry_points.items():
+            step.restype = None
+            step.argtypes = [ptr, i64, i64, ptr, i64, ptr, i64, i64]
+            self._steps[dtype] = step
+        self.library = library
+
+    @staticmethod
+    def suits(dtype: torch.dtype, rows: int) -> bool:
+        """Whether a step of `rows` adapter rows in `dtype` is better served by the kernel than by torch."""
+        limit = MAX_ROWS.get(dtype, 0)
+        return limit is None or rows <= limit
+
+    def plan(self, segments: list[tuple[int, int, PackedAdapter]]) -> StepPlan:
+        """A step's plan: rows [start, end) use the packed adapter (all of one dtype)."""
+        dtypes = {packed.dtype for _, _, packed in segments}
+        if len(dtypes) > 1:
+            raise ValueError(f"one step's adapters are packed in one dtype, not {dtypes}")
+        dtype = dtypes.pop() if dtypes else torch.float32
+        return StepPlan(self._steps[dtype], dtype, segments)
 
 
 # The calling thread's torch thread count (torch.set_num_threads is per thread), read at every call.

@@ -1,5 +1,6 @@
-"""The CPU LoRA kernel (engine/model/lora_cpu.c) against float64 matmuls, its row-by-row determinism, its
-use by the engine, and the torch fallback when it cannot be built."""
+"""The CPU LoRA kernel (engine/model/lora_cpu.c) in float32 and bfloat16 against float64 matmuls, its
+bfloat16 rounding against torch's, its row-by-row determinism, its use by the engine, and the torch
+fallback when it cannot be built."""
 
 from __future__ import annotations
 
@@ -56,14 +57,24 @@ def _site(gen: torch.Generator, in_dim: int, parts: list[tuple[int, int]], gap: 
 
 def _reference(y: torch.Tensor, x: torch.Tensor, site: Site) -> torch.Tensor:
     a, b_t, _ = site
-    return (y.double() + x.double() @ a.double().t() @ b_t.double()).float()
+    return (y.double() + x.double() @ a.double().t() @ b_t.double()).to(y.dtype)
 
 
 def _assert_close(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor, site: Site) -> None:
-    """Float32 sums of in_dim terms err in proportion to the sum of the terms' magnitudes."""
+    """Float32 sums of in_dim terms err in proportion to the sum of the terms' magnitudes; in bfloat16 the
+    result is rounded once more, so it may land one unit (2^-7 relative) off the rounded exact sum."""
     a, b_t, _ = site
-    scale = float((x.abs() @ a.abs().t() @ b_t.abs()).max())
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 + 2e-6 * scale)
+    scale = float((x.double().abs() @ a.double().abs().t() @ b_t.double().abs()).max())
+    rtol = 1e-5 if got.dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(got, expected, rtol=rtol, atol=1e-5 + 2e-6 * scale)
+
+
+def _as(dtype: torch.dtype, site: Site) -> Site:
+    a, b_t, blocks = site
+    return a.to(dtype), b_t.to(dtype), blocks
+
+
+DTYPES = [torch.float32, torch.bfloat16]
 
 
 SHAPES = {
@@ -74,17 +85,20 @@ SHAPES = {
 }
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("rows", [1, 5, 8, 13, 32, 40, 70])
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
-def test_kernel_matches_float64_matmuls(kernel: LoraKernel, rows: int, shape: tuple) -> None:
+def test_kernel_matches_float64_matmuls(
+    kernel: LoraKernel, rows: int, shape: tuple, dtype: torch.dtype
+) -> None:
     in_dim, parts, gap = shape
     gen = torch.Generator().manual_seed(rows)
-    site = _site(gen, in_dim, parts, gap)
+    site = _as(dtype, _site(gen, in_dim, parts, gap))
     out = site[1].shape[1]
     # x and y are column slices of wider tensors (row strides that are not the width), and the segment
     # starts at row 2: rows and columns outside it must stay as they are.
-    x_full = torch.randn(rows + 4, in_dim + 7, generator=gen)
-    y_full = torch.randn(rows + 4, out + 5, generator=gen)
+    x_full = torch.randn(rows + 4, in_dim + 7, generator=gen).to(dtype)
+    y_full = torch.randn(rows + 4, out + 5, generator=gen).to(dtype)
     x, y = x_full[:, :in_dim], y_full[:, :out]
     expected = y_full.clone()
     expected[2 : rows + 2, :out] = _reference(y[2 : rows + 2], x[2 : rows + 2], site)
@@ -93,14 +107,52 @@ def test_kernel_matches_float64_matmuls(kernel: LoraKernel, rows: int, shape: tu
     _assert_close(y_full, expected, x, site)
 
 
-def test_a_rows_result_depends_on_nothing_else(kernel: LoraKernel, threads: None) -> None:
+def test_bfloat16_sums_are_rounded_as_torch_rounds(kernel: LoraKernel) -> None:
+    """With small integers in x, A and B every product and sum is exact in float32, so the kernel's one
+    rounding of y + delta to bfloat16 must give torch's bits: to nearest, ties to even, in every tile and
+    in the partial one."""
+    gen = torch.Generator().manual_seed(5)
+    a = torch.randint(-3, 4, (8, 64), generator=gen).to(torch.bfloat16)
+    b_t = torch.randint(-3, 4, (8, 40), generator=gen).to(torch.bfloat16)
+    site = (a, b_t, ((0, 8, 0, 40),))
+    x = torch.randint(-4, 5, (13, 64), generator=gen).to(torch.bfloat16)
+    y = (torch.randn(13, 40, generator=gen) * 300).to(torch.bfloat16)
+    delta = x.float() @ a.float().t() @ b_t.float()  # exact: integers far below 2^24
+    expected = (y.float() + delta).to(torch.bfloat16)
+    got = y.clone()
+    kernel.plan([(0, 13, PackedAdapter([site]))]).add(got, x, 0)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    # Ties: y + delta lands exactly halfway between two bfloat16 values (1 + 2^-8 + k 2^-7 and so on).
+    one = torch.ones(1, 8, dtype=torch.bfloat16)
+    unit = (torch.eye(8, dtype=torch.bfloat16), torch.eye(8, 16, dtype=torch.bfloat16), ((0, 8, 0, 16),))
+    halves = torch.tensor([[2**-8, 3 * 2**-8, -(2**-8), 2**-9, 1.5, 2**-8, 0, 3 * 2**-8]]).to(torch.bfloat16)
+    tie = one.clone()[:, :8].expand(1, 8).contiguous()
+    y_tie = torch.cat([tie, tie], dim=1)
+    got = y_tie.clone()
+    kernel.plan([(0, 1, PackedAdapter([unit]))]).add(got, halves, 0)
+    expected = (y_tie.float() + torch.cat([halves.float(), torch.zeros(1, 8)], dim=1)).to(torch.bfloat16)
+    assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+    # A zero delta: y + 0 as torch computes it, non-finite and subnormal values too (-0 + 0 is +0). A NaN
+    # stays a NaN; its bits are not compared (torch's own conversions differ there by path).
+    special = torch.tensor([[float("inf"), float("-inf"), float("nan"), -0.0, 1e-40, -3.5, 65504.0, 0.1]])
+    y_special = torch.cat([special, special], dim=1).to(torch.bfloat16)
+    got = y_special.clone()
+    kernel.plan([(0, 1, PackedAdapter([unit]))]).add(got, torch.zeros(1, 8, dtype=torch.bfloat16), 0)
+    expected = (y_special.float() + torch.zeros(1, 16)).to(torch.bfloat16)
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan)
+    assert torch.equal(got[~nan].view(torch.int16), expected[~nan].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_a_rows_result_depends_on_nothing_else(kernel: LoraKernel, threads: None, dtype: torch.dtype) -> None:
     """A row gets the same bits alone, among 8 rows, among 70 (where threads split the rows), and on one
     thread or two."""
     gen = torch.Generator().manual_seed(0)
-    site = _site(gen, 1100, [(16, 96), (16, 80)])
+    site = _as(dtype, _site(gen, 1100, [(16, 96), (16, 80)]))
     packed = PackedAdapter([site])
-    x = torch.randn(70, 1100, generator=gen)
-    y0 = torch.randn(70, 176, generator=gen)
+    x = torch.randn(70, 1100, generator=gen).to(dtype)
+    y0 = torch.randn(70, 176, generator=gen).to(dtype)
     results = []
     for num_threads in (1, 2):
         torch.set_num_threads(num_threads)
@@ -174,10 +226,39 @@ def test_engine_adds_deltas_with_the_kernel_as_torch_does(kernel: LoraKernel, de
         assert (ours[start:end] - bare[start:end]).abs().max() > 1e-3
 
 
+def test_in_bfloat16_the_kernel_errs_no_more_than_torch(kernel: LoraKernel, demo: DemoModel) -> None:
+    """Against the float32 engine, a bfloat16 step's logits err by bfloat16's roundings either way; the
+    kernel's (one rounding of y + delta) must be no larger than torch's matmuls' (which also round
+    x A^T), and both far below the adapters' effect."""
+    reference = _step_logits(EngineCore(engine_config(demo)), "kernel")
+    core = EngineCore(engine_config(demo, dtype="bfloat16"))
+    assert core.loras.kernel is not None
+    ours, torch_path, bare = (_step_logits(core, how).float() for how in ("kernel", "torch", "none"))
+    assert torch.equal(ours[:37], bare[:37])
+    rows = slice(37, 75)  # the adapters' rows
+    error = (ours[rows] - reference[rows]).abs().mean()
+    torch_error = (torch_path[rows] - reference[rows]).abs().mean()
+    effect = (reference[rows] - bare[rows]).abs().mean()
+    assert error <= 1.05 * torch_error
+    assert error < 0.05 * effect
+
+
 def test_a_step_of_base_rows_alone_makes_no_kernel_call(kernel: LoraKernel, demo: DemoModel) -> None:
     core = EngineCore(engine_config(demo))
     assert core.loras.segments([(None, 0, 6)]).plan is None
     assert core.loras.segments([(None, 0, 6), ("chatmed-tcm", 6, 9)]).plan is not None
+
+
+def test_bfloat16_steps_of_many_adapter_rows_use_torch(kernel: LoraKernel, demo: DemoModel) -> None:
+    """In bfloat16 a prompt's worth of adapter rows goes to torch's matmuls; in float32 the kernel takes
+    every step."""
+    limit = lora_cpu.MAX_ROWS[torch.bfloat16]
+    assert limit is not None
+    bf16 = EngineCore(engine_config(demo, dtype="bfloat16", max_num_batched_tokens=2 * limit))
+    assert bf16.loras.segments([(None, 0, 100), ("chatmed-tcm", 100, 100 + limit)]).plan is not None
+    assert bf16.loras.segments([("chatmed-consult", 0, 1), ("chatmed-tcm", 1, 2 + limit)]).plan is None
+    fp32 = EngineCore(engine_config(demo, max_num_batched_tokens=2 * limit))
+    assert fp32.loras.segments([("chatmed-tcm", 0, 2 * limit)]).plan is not None
 
 
 def test_adapters_are_packed_as_they_are_read_not_in_a_step(kernel: LoraKernel, demo: DemoModel) -> None:
@@ -194,10 +275,10 @@ def test_columns_that_are_not_contiguous_take_the_torch_path(kernel: LoraKernel)
     a, b_t, blocks = _site(gen, 16, [(4, 8)])
     x = torch.randn(16, 6, generator=gen).t()  # [6, 16], column stride 6
     y = torch.randn(6, 8, generator=gen)
-    assert not LoraKernel.accepts(x, y)
-    expected = _reference(y, x, (a, b_t, blocks))
     # The plan's own weights are empty: had the kernel run, y would be unchanged.
     plan = kernel.plan([(0, 6, PackedAdapter([None] * 4))])
+    assert not plan.accepts(x, y)
+    expected = _reference(y, x, (a, b_t, blocks))
     lora = SegmentLora([LoraSegment(0, 6, [{"o": (a, b_t)}])], plan)
     lora.add_delta(y, x, 0, "o")
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
@@ -255,6 +336,24 @@ def test_the_kernel_runs_on_torchs_openmp_threads_where_torch_has_libgomp(kernel
     if not lora_cpu._torch_uses_libgomp():
         pytest.skip("torch does not run on libgomp.so.1 here: the kernel is built without OpenMP")
     assert b"GOMP_parallel" in kernel.library.read_bytes()
+
+
+def test_tensors_of_another_dtype_are_refused(kernel: LoraKernel) -> None:
+    """The C code reads whatever memory it is given as the plan's element type: a float32 plan handed
+    bfloat16 tensors (or the other way) would read past them."""
+    gen = torch.Generator().manual_seed(6)
+    site = _site(gen, 32, [(4, 16)])
+    for dtype, other in [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)]:
+        plan = kernel.plan([(0, 4, PackedAdapter([_as(dtype, site)]))])
+        assert plan.dtype == dtype
+        with pytest.raises(ValueError, match="tensors"):
+            plan.add(torch.zeros(4, 16, dtype=other), torch.zeros(4, 32, dtype=other), 0)
+    with pytest.raises(ValueError, match="one dtype"):
+        PackedAdapter([site, _as(torch.bfloat16, site)])
+    with pytest.raises(ValueError, match="one dtype"):
+        kernel.plan([(0, 2, PackedAdapter([site])), (2, 4, PackedAdapter([_as(torch.bfloat16, site)]))])
+    with pytest.raises(ValueError, match="one dtype"):
+        PackedAdapter([_as(torch.float16, site)])
 
 
 def test_shapes_that_do_not_fit_the_weights_are_refused(kernel: LoraKernel) -> None:
