@@ -94,7 +94,9 @@ def ours_target(demo: DemoModel, with_adapters: bool) -> Target:
     command = [_python(), "-m", "server", "--base-model", str(demo.base_path)]
     command += _adapter_flags(demo) if with_adapters else []
     command += ["--served-model-name", BASE_NAME, "--host", "127.0.0.1", "--port", "{port}"]
-    command += ["--log-level", "warning"]
+    # float32 as every other system here computes: our default (auto) would take bfloat16 on a CPU
+    # with bfloat16 matrix instructions (bench/README.md, "The CPU in bfloat16").
+    command += ["--log-level", "warning", "--dtype", "float32"]
     models = tuple(sorted(demo.adapters)) if with_adapters else (BASE_NAME,)
     name = MIXED if with_adapters else BASE_ONLY
     # Our registry applies ChatMed's repetition_penalty 1.3 when a request leaves it out; every system

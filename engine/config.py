@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-_DTYPES = ("float32", "float16", "bfloat16")
+_DTYPES = ("auto", "float32", "float16", "bfloat16")
 # A step with this many prompt tokens or more runs on prefill_threads: on 2 cores with one engine thread,
 # prompts of 16 streams at once reached their first token about a third sooner on both (bench/README.md).
 PREFILL_STEP_TOKENS = 128
@@ -17,6 +17,7 @@ class EngineConfig:
     """Everything the engine needs to start.
 
     model_path: a Hugging Face LLaMA folder (config.json, safetensors or .bin, tokenizer files).
+    dtype: the weights' and KV cache's; "auto" picks the device's fast one (engine.core.resolve_dtype).
     adapters: (name, folder) pairs of PEFT LoRA adapters loaded at start-up.
     kv_cache_bytes: memory for the paged KV cache; the number of blocks is derived from it
         unless num_kv_blocks is given.

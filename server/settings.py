@@ -51,7 +51,11 @@ class Settings(BaseSettings):
         default=None, description="require `Authorization: Bearer <key>` on every route but /health"
     )
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(default="float32", description="weight dtype")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        default="auto",
+        description="weight and KV cache dtype; auto: bfloat16 on a GPU that has it (else float16), "
+        "bfloat16 on a CPU with bfloat16 matrix instructions (AMX, AVX512-BF16), else float32",
+    )
     kv_cache_memory_mb: int = Field(default=512, ge=1, description="memory for the paged KV cache, in MiB")
     num_threads: int | None = Field(
         default=None,

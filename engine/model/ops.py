@@ -236,6 +236,16 @@ def triton_available() -> bool:
     return True
 
 
+def cpu_has_bfloat16_matmuls() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (AMX tiles or AVX512-BF16), where oneDNN's
+    bfloat16 matmuls beat float32's; elsewhere bfloat16 is emulated and slower. torch's own probe of the
+    CPU, where this torch has it; False otherwise."""
+    probes = [
+        getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    ]
+    return any(probe is not None and probe() for probe in probes)
+
+
 def ops_for(device: torch.device, dtype: torch.dtype, weight_bytes: int = 0) -> TorchOps:
     """Triton kernels on CUDA when Triton is installed (CHATMED_DISABLE_TRITON=1: never); on the CPU the
     torch ops with packed weights where oneDNN has them and a second copy of the `weight_bytes` of

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from engine.core import EngineCore
+from engine import core as core_module
+from engine.core import EngineCore, resolve_dtype
 from engine.demo import DemoModel
 from engine.errors import InvalidRequest, PromptTooLong, UnknownAdapter
 from engine.tokenizer import CHATMED_TEMPLATE
@@ -202,3 +204,27 @@ def test_steps_of_many_tokens_run_on_the_prefill_threads(
         engine_config(demo, prefill_threads=2)
     with pytest.raises(ValueError, match="num_threads"):
         engine_config(demo, num_threads=0, prefill_threads=2)
+
+
+def test_auto_dtype_is_the_devices_fast_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for name in ("float32", "float16", "bfloat16"):
+        assert resolve_dtype(name, cpu) == getattr(torch, name)
+    monkeypatch.setattr(core_module, "cpu_has_bfloat16_matmuls", lambda: True)
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(core_module, "cpu_has_bfloat16_matmuls", lambda: False)
+    assert resolve_dtype("auto", cpu) == torch.float32  # emulated bfloat16 would be slower
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_dtype("auto", cuda) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_dtype("auto", cuda) == torch.float16
+
+
+def test_an_auto_engine_serves_in_the_resolved_dtype(demo: DemoModel) -> None:
+    auto = EngineCore(engine_config(demo, dtype="auto"))
+    assert auto.dtype == resolve_dtype("auto", torch.device("cpu"))
+    assert auto.runner.kv.keys[0].dtype == auto.dtype
+    prompts = _prompts(auto)
+    outputs = auto.generate(prompts, GREEDY, _adapters(len(prompts)))
+    assert all(len(out.token_ids) == GREEDY.max_tokens for out in outputs)
+    assert auto.allocator.num_free == auto.allocator.num_blocks

@@ -224,6 +224,8 @@ def test_settings_cli_beats_env_beats_defaults(monkeypatch: pytest.MonkeyPatch) 
     assert Settings.from_args(["--enforce-eager"]).engine_config(Path("/base"), ()).enforce_eager
     assert not config.overlap_steps
     assert Settings.from_args(["--overlap-steps"]).engine_config(Path("/base"), ()).overlap_steps
+    assert config.dtype == "auto"  # the engine picks the device's fast dtype
+    assert Settings.from_args(["--dtype", "float32"]).engine_config(Path("/base"), ()).dtype == "float32"
 
 
 def test_cpu_threads_default_to_every_core_but_the_event_loops(monkeypatch: pytest.MonkeyPatch) -> None:
