@@ -121,6 +121,24 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def then(self, later: RequestOutput) -> RequestOutput:
+        """This increment and the `later` one as one: texts, tokens and logprobs joined, the rest the
+        later's."""
+        logprobs = None
+        if self.logprobs is not None or later.logprobs is not None:
+            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return RequestOutput(
+            request_id=later.request_id,
+            text=self.text + later.text,
+            token_ids=self.token_ids + later.token_ids,
+            num_prompt_tokens=later.num_prompt_tokens,
+            num_output_tokens=later.num_output_tokens,
+            finish_reason=later.finish_reason,
+            stop_reason=later.stop_reason,
+            logprobs=logprobs,
+            metrics=later.metrics,
+        )
+
 
 @dataclass
 class RequestMetrics:

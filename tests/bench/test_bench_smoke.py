@@ -372,6 +372,21 @@ async def test_bounded_run_cuts_requests_in_flight() -> None:
     assert math.isnan(result.mean_output_tokens) and result.e2e_ms.count == 0
 
 
+def test_http_cost_counts_frames_and_cpu(demo: DemoModel, tmp_path: Path) -> None:
+    from bench.http_cost import main
+
+    out = tmp_path / "http.json"
+    cache = demo.base_path.parent.parent
+    argv = ["--streams", "3", "--tokens", "8", "--rounds", "1", "--cache-dir", str(cache), "--json", str(out)]
+    assert main(argv) == 0
+    runs = {run["way"]: run for run in json.loads(out.read_text(encoding="utf-8"))["runs"]}
+    # Keeping up: the role chunk, one chunk per token, the finish chunk and [DONE] per stream.
+    assert runs["keeps up"]["frames"] == 3 * (8 + 3)
+    # Four steps behind: the eight tokens go out in two joined chunks (the last with the finish).
+    assert runs["falls behind"]["frames"] == 3 * (2 + 3)
+    assert all(run["tokens"] == 24 and run["cpu_s"] > 0 for run in runs.values())
+
+
 # ---- the benchmark commands end to end (slow: the ~20M bench model, real subprocess servers) ----------
 
 

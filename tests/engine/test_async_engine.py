@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from engine import CHATMED_TEMPLATE, AsyncEngine, EngineCore, SamplingParams
+from engine.async_engine import RequestStream
 from engine.demo import DemoModel
 from engine.errors import AdapterExists, AdapterInUse, EngineDead, QueueFull, RequestFailed, UnknownAdapter
-from engine.types import RequestOutput
+from engine.types import FinishReason, RequestOutput, TokenLogprob
 from tests.conftest import engine_config
 
 GREEDY = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
@@ -78,6 +79,63 @@ async def test_streams_equal_the_synchronous_engine(engine: AsyncEngine, referen
         expected = reference.generate([prompt], GREEDY, [adapter])[0]
         assert ids == expected.token_ids
         assert "".join(o.text for o in outs) == expected.text
+
+
+def _increment(text: str, token: int, count: int, finish: FinishReason | None = None) -> RequestOutput:
+    logprob = TokenLogprob(token, text, -0.5 * token)
+    return RequestOutput("r", text, [token], 5, count, finish, None, [logprob])
+
+
+async def test_increments_that_queue_up_are_read_as_one(engine: AsyncEngine) -> None:
+    """A reader that keeps up gets each step's increment; one that fell behind gets those waiting joined
+    (text, tokens, logprobs; the last one's counts and finish), and an error queued after them next."""
+    stream = RequestStream(engine, "r")
+    stream.put(_increment("头", 1, 1))
+    first = await anext(stream)
+    assert (first.text, first.token_ids) == ("头", [1])
+    for text, token, count in [("痛", 2, 2), ("发", 3, 3), ("热", 4, 4)]:
+        stream.put(_increment(text, token, count))
+    joined = await anext(stream)
+    assert (joined.text, joined.token_ids, joined.num_output_tokens) == ("痛发热", [2, 3, 4], 4)
+    assert joined.logprobs is not None and [lp.token_id for lp in joined.logprobs] == [2, 3, 4]
+    assert not joined.finished
+    stream.put(_increment("，", 5, 5))
+    stream.put(RequestFailed("boom"))
+    assert (await anext(stream)).text == "，"
+    with pytest.raises(RequestFailed):
+        await anext(stream)
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
+
+    ending = RequestStream(engine, "s")
+    ending.put(_increment("好", 6, 1))
+    ending.put(_increment("。", 7, 2, FinishReason.LENGTH))
+    last = await anext(ending)
+    assert (last.text, last.finish_reason, last.num_output_tokens) == ("好。", FinishReason.LENGTH, 2)
+    with pytest.raises(StopAsyncIteration):
+        await anext(ending)
+
+
+async def test_a_slow_reader_gets_the_same_text_in_fewer_increments(
+    engine: AsyncEngine, reference: EngineCore
+) -> None:
+    prompt = _prompt(engine, "失眠多梦，舌红少苔，中医怎么调理？")
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True, logprobs=2)
+    stream = engine.generate("slow", prompt, params, "chatmed-tcm")
+    outs = []
+    try:
+        async with asyncio.timeout(TIMEOUT_S):
+            async for out in stream:
+                outs.append(out)
+                await asyncio.sleep(0.05)  # several engine steps pass while this reader is away
+    finally:
+        await stream.aclose()
+    expected = reference.generate([prompt], params, ["chatmed-tcm"])[0]
+    assert [t for o in outs for t in o.token_ids] == expected.token_ids
+    assert "".join(o.text for o in outs) == expected.text
+    assert [lp.token_id for o in outs for lp in o.logprobs or ()] == expected.token_ids
+    assert outs[-1].finished and outs[-1].num_output_tokens == 32
+    assert len(outs) < 32  # joined while the reader slept
 
 
 async def test_closing_a_stream_aborts_and_frees_blocks(engine: AsyncEngine) -> None:

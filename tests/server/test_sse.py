@@ -23,7 +23,7 @@ from engine.demo import DemoModel
 from engine.errors import RequestFailed
 from server.formats import ChatFormat
 from server.generation import Generation
-from server.sse import DONE_FRAME, event_frames
+from server.sse import DONE_FRAME, GenerationStreamResponse, event_frames
 from tests.server.conftest import BASE, CONSULT, TCM, make_engine, parse_sse, sse_json
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -275,3 +275,75 @@ async def test_a_finished_stream_leaves_the_engine_idle(
     response = await client.post("/v1/chat/completions", json=chat_body(stream=True, n=2))
     assert response.text.endswith("data: [DONE]\n\n")
     await _wait_until_idle(engine)
+
+
+# ---- the send timeout ----------------------------------------------------------------------------------
+
+
+class _EndlessStream:
+    """One output every millisecond until closed."""
+
+    def __init__(self) -> None:
+        self.request_id = "fake-1"
+        self.closed = False
+        self._count = 0
+
+    def __aiter__(self) -> _EndlessStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        await asyncio.sleep(0.001)
+        self._count += 1
+        return RequestOutput("fake-1", "头", [5], 3, self._count)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def _endless_response(send_timeout_s: float) -> tuple[GenerationStreamResponse, _EndlessStream]:
+    stream = _EndlessStream()
+    job = Generation("chatcmpl-t", [cast(RequestStream, stream)], num_prompt_tokens=3)
+    fmt = ChatFormat("chatcmpl-t", CONSULT, False)
+    return GenerationStreamResponse(job, fmt, False, 60.0, send_timeout_s), stream
+
+
+async def _serve(response: GenerationStreamResponse, send: Callable[[Message], Any]) -> None:
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+
+    async def receive() -> Message:
+        await asyncio.Event().wait()  # the client never leaves
+        return {"type": "http.disconnect"}
+
+    await asyncio.wait_for(response(scope, receive, send), 30)
+
+
+async def test_a_send_that_never_completes_is_cut_within_a_quarter_past_the_timeout() -> None:
+    timeout_s, frozen_at = 0.4, []
+
+    async def freezes_at_the_fourth_body(message: Message) -> None:
+        if message["type"] == "http.response.body" and len(frozen_at) < 4:
+            frozen_at.append(asyncio.get_running_loop().time())
+        if len(frozen_at) == 4:
+            await asyncio.Event().wait()
+
+    response, stream = _endless_response(timeout_s)
+    await _serve(response, freezes_at_the_fourth_body)
+    waited = asyncio.get_running_loop().time() - frozen_at[-1]
+    assert timeout_s <= waited <= 1.25 * timeout_s + 0.2, waited
+    assert response.num_cut == 1 and stream.closed  # the stream's request was closed (aborted)
+
+
+async def test_sends_slower_than_steps_but_within_the_timeout_are_not_cut() -> None:
+    timeout_s, bodies = 0.4, []
+
+    async def slow(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message)
+            await asyncio.sleep(0.6 * timeout_s)
+            if len(bodies) == 4:
+                raise OSError("the client went away")  # ends the test after 4 slow sends
+
+    response, stream = _endless_response(timeout_s)
+    with pytest.raises(OSError, match="went away"):
+        await _serve(response, slow)
+    assert len(bodies) == 4 and response.num_cut == 0 and stream.closed
