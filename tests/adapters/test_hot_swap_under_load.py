@@ -59,7 +59,8 @@ def _server(demo: DemoModel, tree: AdapterTree, log_dir: Path) -> ServerProcess:
     env |= {"CHATMED_CACHE_DIR": str(demo.base_path.parent.parent), "CHATMED_DEMO_SIZE": "tiny"}
     command = (sys.executable, "-m", "server", "--port", "{port}", "--max-model-len", "256")
     command += ("--admin-api-key", ADMIN_KEY, "--adapters-root", str(tree.root), "--max-lora-rank", "32")
-    command += ("--kv-cache-memory-mb", "16", "--log-level", "warning")
+    # float32, the dtype of the transformers + peft references the outputs are checked against.
+    command += ("--kv-cache-memory-mb", "16", "--log-level", "warning", "--dtype", "float32")
     spec = ServerSpec(name="chatmed", command=command, env=env)
     return ServerProcess(spec, log_dir / "server.log", startup_timeout_s=TIMEOUT_S)
 
