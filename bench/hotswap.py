@@ -1,17 +1,20 @@
-"""Hot-swap stall: the longest gap between two tokens of a running stream while an adapter loads, against
+"""Hot-swap stall: the longest gap between two outputs of a running stream while an adapter loads, against
 the same streams' median gap, on the ~20M-parameter bench model.
 
     python -m bench.hotswap [--num-streams 2] [--max-tokens 400] [--num-loads 8] [--rank 64] [--json PATH]
 
 Three runs, each with streams on chatmed-consult and chatmed-tcm (greedy, EOS ignored) while an adapter of
 --rank on all seven projections is loaded and unloaded --num-loads times (safetensors and .bin in turn):
-- `server`: our real server over HTTP (`/v1/load_lora_adapter`), token times taken by the client
-  (completions with logprobs, so every token is one SSE event even when its text is held back);
+- `server`: our real server over HTTP (`/v1/load_lora_adapter`), in float32 as the in-process runs,
+  output times taken by the client (completions with logprobs, so that an increment whose text is held
+  back still comes as an event);
 - `engine, off-thread`: the AsyncEngine in process, `add_adapter` (reads on a worker thread, publishes
-  between two steps), token times taken as the outputs arrive;
+  between two steps), output times taken as the increments arrive;
 - `engine, on-thread`: the same load done inside the engine thread, for contrast: what the streams would
   suffer if reading the checkpoint ran where the steps run.
-A gap is "during a load" when it overlaps the time between sending the load and its answer.
+A gap is the time between two increments of a stream (one per engine step while the reader keeps up;
+tokens that queued up while it did not come as one increment). A gap is "during a load" when it overlaps
+the time between sending the load and its answer.
 """
 
 from __future__ import annotations
@@ -42,21 +45,22 @@ logger = logging.getLogger(__name__)
 ADMIN_KEY = "bench-admin-key"
 QUESTIONS = ("孩子咳嗽一周了，夜里加重，怎么办？", "舌苔发白是什么原因？", "最近总是失眠多梦，该怎么调理？")
 FOLDERS = ("hot-safetensors", "hot-bin")
-WARMUP_TOKENS = 20  # tokens each stream produces before the first load
+WARMUP_TOKENS = 20  # outputs each stream has before the first load
 LOAD_SPACING_S = 0.3  # pause between an unload and the next load: gaps outside loads are needed too
 LoadFn = Callable[[str, Path], Awaitable[None]]
 
 
 @dataclass
 class StallRun:
-    """One run's token times (per stream) and load windows, and the figures derived from them."""
+    """One run's output times (per stream: when each increment came) and load windows, and the figures
+    derived from them."""
 
     name: str
     token_times: list[list[float]] = field(default_factory=list)
     windows: list[tuple[float, float]] = field(default_factory=list)
 
     def gaps(self) -> tuple[list[float], list[float]]:
-        """(the inter-token gaps outside every load window, those that overlap one), in seconds."""
+        """(the gaps between outputs outside every load window, those that overlap one), in seconds."""
         outside, during = [], []
         for times in self.token_times:
             for start, end in itertools.pairwise(times):
@@ -70,7 +74,7 @@ class StallRun:
         longest = max(during, default=float("nan"))
         return {
             "loads": len(self.windows),
-            "tokens": sum(len(t) for t in self.token_times),
+            "outputs": sum(len(t) for t in self.token_times),
             "median_gap_ms": median * 1e3,
             "max_gap_outside_loads_ms": max(outside, default=float("nan")) * 1e3,
             "median_gap_during_loads_ms": percentile(during, 50) * 1e3,
@@ -129,7 +133,7 @@ async def _http_stream(
         "temperature": 0,
         "repetition_penalty": 1.0,
         "ignore_eos": True,
-        "logprobs": 0,  # one event per token, even when the token's text is held back
+        "logprobs": 0,  # an event for every increment, even when its text is held back
         "stream": True,
     }
     async with client.stream("POST", "/v1/completions", json=body) as response:
@@ -140,7 +144,8 @@ async def _http_stream(
                 if "error" in event:
                     raise RuntimeError(f"error event: {event['error'].get('message')}")
                 logprobs = (event.get("choices") or [{}])[0].get("logprobs") or {}
-                times.extend(time.monotonic() for _ in logprobs.get("tokens") or ())
+                if logprobs.get("tokens"):
+                    times.append(time.monotonic())
 
 
 async def run_server(demo: DemoModel, root: Path, args: argparse.Namespace, work: Path) -> StallRun:
@@ -148,7 +153,7 @@ async def run_server(demo: DemoModel, root: Path, args: argparse.Namespace, work
     for name, path in sorted(demo.adapters.items()):
         command += ["--adapter", f"{name}={path}"]
     command += ["--admin-api-key", ADMIN_KEY, "--adapters-root", str(root), "--max-lora-rank", str(args.rank)]
-    command += ["--log-level", "warning"]
+    command += ["--log-level", "warning", "--dtype", "float32"]
     run = StallRun("server (HTTP), load off the engine thread")
     with ServerProcess(ServerSpec("chatmed", tuple(command)), work / "server.log") as server:
         base_url = server.base_url.removesuffix("/v1")
@@ -181,7 +186,8 @@ async def _engine_stream(engine: AsyncEngine, i: int, max_tokens: int, times: li
     ids = engine.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[i % 3]}], CHATMED_TEMPLATE)
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     async for out in engine.generate(f"stream-{i}", ids, params, _model(i)):
-        times.extend(time.monotonic() for _ in out.token_ids)
+        if out.token_ids:
+            times.append(time.monotonic())
 
 
 async def run_engine(demo: DemoModel, root: Path, args: argparse.Namespace, on_thread: bool) -> StallRun:
@@ -224,14 +230,14 @@ def _model(i: int) -> str:
 
 
 def results_table(runs: Sequence[StallRun]) -> str:
-    headers = ["run", "loads", "tokens", "median gap", "max gap, no load", "median gap, load"]
+    headers = ["run", "loads", "outputs", "median gap", "max gap, no load", "median gap, load"]
     headers += ["max gap, load", "max in load / median", "load p50"]
     rows = []
     for run in runs:
         f = run.figures()
         keys = ("median_gap_ms", "max_gap_outside_loads_ms", "median_gap_during_loads_ms")
         keys += ("max_gap_during_loads_ms", "max_during_over_median", "load_p50_ms")
-        rows.append([run.name, f["loads"], f["tokens"], *(f[k] for k in keys)])
+        rows.append([run.name, f["loads"], f["outputs"], *(f[k] for k in keys)])
     return (
         format_table(headers, rows)
         + "\n(gaps and load times in ms; a gap is 'in a load' when it overlaps one)"

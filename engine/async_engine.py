@@ -46,7 +46,7 @@ class RequestStream:
     A reader that keeps up gets one increment per engine step. Increments that queued up while it was
     busy (its client is slow to take them, or the event loop has more streams than it can serve one
     step at a time) come out joined as one: the reader then catches up in one frame, not one per step,
-    and a loop that falls behind does less work per token the further it falls."""
+    and a loop that falls behind does less work per token the further it falls. One reader per stream."""
 
     def __init__(self, engine: AsyncEngine, request_id: str) -> None:
         self.request_id = request_id
@@ -71,15 +71,17 @@ class RequestStream:
         if isinstance(item, BaseException):
             self._finish()
             raise item
-        while not item.finished and self._items:
+        parts = [item]
+        while not parts[-1].finished and self._items:
             later = self._items[0]
             if not isinstance(later, RequestOutput):
                 break  # an error queued after them comes next time
-            item = item.then(later)
+            parts.append(later)
             self._items.popleft()
-        if item.finished:
+        output = RequestOutput.joined(parts)
+        if output.finished:
             self._finish()
-        return item
+        return output
 
     @property
     def backlog(self) -> int:

@@ -41,13 +41,13 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The weights' dtype: `name`, or for "auto" the fast one of the device: bfloat16 on a GPU that has
-    it (else float16), bfloat16 on a CPU that multiplies it in hardware (about 1.4x float32's served
-    tokens/s on this project's machine, bench/README.md), else float32."""
+    """The weights' dtype: `name`, or for "auto" the fast one of the device: bfloat16 on a GPU that
+    computes it in hardware (else float16), bfloat16 on a CPU that multiplies it in hardware (about
+    1.4x float32's served tokens/s on this project's machine, bench/README.md), else float32."""
     if name != "auto":
         return _DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "cuda":  # bfloat16 in hardware from compute capability 8 (Ampere); emulated before
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     if device.type == "cpu" and cpu_has_bfloat16_matmuls():
         return torch.bfloat16
     return torch.float32

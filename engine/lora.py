@@ -294,14 +294,10 @@ class LoraSlots:
                     packed.append((start, end, adapter.packed))
         plan = None
         # A step of base rows alone gets no plan: SegmentLora then has nothing to add, and no kernel call.
-        # Nor does a step of more rows than the kernel is faster for (prompts in bfloat16).
-        rows = sum(end - start for start, end, _ in packed)
-        if (
-            self.kernel is not None
-            and packed
-            and len(packed) == len(out)
-            and self.kernel.suits(self.dtype, rows)
-        ):
+        # Every other step takes the kernel whatever its size, so that a row's result never depends on
+        # the step it is in (torch's matmuls round otherwise; in bfloat16 they are faster from about 512
+        # rows of prompts).
+        if self.kernel is not None and packed and len(packed) == len(out):
             plan = self.kernel.plan(packed)
         return SegmentLora(out, plan)
 

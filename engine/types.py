@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequest
@@ -121,22 +122,26 @@ class RequestOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def then(self, later: RequestOutput) -> RequestOutput:
-        """This increment and the `later` one as one: texts, tokens and logprobs joined, the rest the
-        later's."""
+    @staticmethod
+    def joined(parts: Sequence[RequestOutput]) -> RequestOutput:
+        """Consecutive increments of one request as one: texts, tokens and logprobs joined in order, the
+        rest the last's."""
+        last = parts[-1]
+        if len(parts) == 1:
+            return last
         logprobs = None
-        if self.logprobs is not None or later.logprobs is not None:
-            logprobs = (self.logprobs or []) + (later.logprobs or [])
+        if any(part.logprobs is not None for part in parts):
+            logprobs = [lp for part in parts for lp in part.logprobs or ()]
         return RequestOutput(
-            request_id=later.request_id,
-            text=self.text + later.text,
-            token_ids=self.token_ids + later.token_ids,
-            num_prompt_tokens=later.num_prompt_tokens,
-            num_output_tokens=later.num_output_tokens,
-            finish_reason=later.finish_reason,
-            stop_reason=later.stop_reason,
+            request_id=last.request_id,
+            text="".join(part.text for part in parts),
+            token_ids=[t for part in parts for t in part.token_ids],
+            num_prompt_tokens=last.num_prompt_tokens,
+            num_output_tokens=last.num_output_tokens,
+            finish_reason=last.finish_reason,
+            stop_reason=last.stop_reason,
             logprobs=logprobs,
-            metrics=later.metrics,
+            metrics=last.metrics,
         )
 
 

@@ -192,9 +192,10 @@ class ServerMetrics:
 
 
 class StreamObserver:
-    """The timings of one streamed request: inter-token gaps as outputs arrive, TTFT and e2e from the
-    engine's clock as each choice ends; choices left unfinished count as aborted (client gone) or as a
-    stream error. `metrics` is None when no app is there to report to (tests of the stream alone)."""
+    """The timings of one streamed request: inter-token gaps as outputs arrive (one per token), TTFT and
+    e2e from the engine's clock as each choice ends; choices left unfinished count as aborted (client
+    gone) or as a stream error. `metrics` is None when no app is there to report to (tests of the
+    stream alone)."""
 
     def __init__(self) -> None:
         self.metrics: ServerMetrics | None = None
@@ -206,8 +207,13 @@ class StreamObserver:
             return
         now = time.monotonic()
         previous = self._last_output_s.get(index)
-        if previous is not None:
-            self.metrics.itl.observe(now - previous)
+        num_tokens = len(output.token_ids)
+        if previous is not None and num_tokens:
+            # An increment of several tokens (a reader that fell behind gets them joined) counts as
+            # that many gaps, each its share of the wait.
+            gap = (now - previous) / num_tokens
+            for _ in range(num_tokens):
+                self.metrics.itl.observe(gap)
         self._last_output_s[index] = now
         if output.finished:
             self._num_finished += 1

@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     device: str = Field(default="cpu", description="torch device, e.g. cpu or cuda")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         default="auto",
-        description="weight and KV cache dtype; auto: bfloat16 on a GPU that has it (else float16), "
+        description="weight and KV cache dtype; auto: bfloat16 on a GPU of compute capability 8 or more "
+        "(else float16), "
         "bfloat16 on a CPU with bfloat16 matrix instructions (AMX, AVX512-BF16), else float32",
     )
     kv_cache_memory_mb: int = Field(default=512, ge=1, description="memory for the paged KV cache, in MiB")

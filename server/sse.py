@@ -123,6 +123,7 @@ class GenerationStreamResponse(EventSourceResponse):
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.send_timeout / 4, self._watch, loop)
         self._sending[task] = loop.time()
+        cut = False
         try:
             await send(message)
         except asyncio.CancelledError:
@@ -130,16 +131,21 @@ class GenerationStreamResponse(EventSourceResponse):
                 raise  # cancelled by something else: the client left, the stream ended
         finally:
             self._sending.pop(task, None)
-        if task in self._cut:  # the watchdog's cancel (even where the send swallowed it)
-            self._cut.discard(task)
-            task.uncancel()
+            if task in self._cut:  # the watchdog's cancel, however the send ended
+                self._cut.discard(task)
+                task.uncancel()
+                cut = True
+        if cut:
             raise SendTimeoutError()
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Cut the send that has waited longest, if past the timeout. One at a time: the data and the
+        keep-alive task may both be stuck on a frozen client, and one SendTimeoutError ends the
+        response (two would leave its task group as an exception group)."""
         assert self.send_timeout is not None
-        now = loop.time()
-        for task, since in list(self._sending.items()):
-            if now - since >= self.send_timeout and task not in self._cut:
+        if not self._cut and self._sending:
+            task, since = min(self._sending.items(), key=lambda item: item[1])
+            if loop.time() - since >= self.send_timeout:
                 self._cut.add(task)
                 self.num_cut += 1
                 task.cancel()

@@ -12,7 +12,7 @@
  * Two element types, one entry point each: float32 (chatmed_lora_step) and bfloat16
  * (chatmed_lora_step_bf16), where x, y and the weights are all bfloat16. In bfloat16 the arithmetic is
  * float32: the low-rank product stays float32, and each y element is rounded once, after its whole delta
- * is added (to nearest even, as torch rounds).
+ * is added (to nearest even, as torch's scalar conversion rounds; a NaN becomes 0x7FC0).
  *
  * Weights come packed by engine/model/lora_cpu.py in column tiles of W elements, so every inner loop
  * reads memory in order:
@@ -45,8 +45,8 @@ typedef struct {
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* bfloat16 is the top half of a float32: widening is exact. Narrowing rounds to nearest even and keeps
- * a NaN a NaN (0x7FC0), as torch does. */
+/* bfloat16 is the top half of a float32: widening is exact. Narrowing rounds to nearest even (a value
+ * past the largest finite bfloat16 becomes inf) and makes any NaN the NaN 0x7FC0. */
 INLINE vec widen(half h) { return (vec)(__builtin_convertvector(h, bits) << 16); }
 
 INLINE half narrow(vec v) {
@@ -90,13 +90,15 @@ INLINE void store1(void *p, int64_t i, float v, int bf16) {
     ((float *)p)[i] = v;
 }
 
-/* low[i, :] = x[i, :] A^T for m <= MR rows; x is float32 here. */
-INLINE void shrink(const lora_weights *w, int m, const float *x, int64_t xs, float *low, int bf16) {
+/* low[i, :] (+)= x[i, :n] A^T[k0 : k0 + n] for m <= MR rows: x is float32 here, its columns k0 onwards
+ * (row stride xs); the sums start at 0 for k0 = 0 and go on from low's otherwise. */
+INLINE void shrink(const lora_weights *w, int m, const float *x, int64_t xs, int64_t n, int64_t k0, float *low,
+                   int bf16) {
   for (int64_t r0 = 0; r0 < w->rank_pad; r0 += W) {
     vec acc[MR];
-    for (int i = 0; i < m; i++) acc[i] = (vec){0};
-    int64_t a = r0 * w->in_dim;
-    for (int64_t k = 0; k < w->in_dim; k++) {
+    for (int i = 0; i < m; i++) acc[i] = k0 == 0 ? (vec){0} : load(low, i * w->rank_pad + r0, 0);
+    int64_t a = r0 * w->in_dim + k0 * W;
+    for (int64_t k = 0; k < n; k++) {
       vec ak = load(w->at, a + k * W, bf16);
       for (int i = 0; i < m; i++) acc[i] += x[i * xs + k] * ak;
     }
@@ -130,20 +132,24 @@ INLINE void expand(const lora_weights *w, int m, const float *low, void *y, int6
   }
 }
 
-/* m <= MR rows. bfloat16 rows of x are widened once, not once per rank tile. */
+/* m <= MR rows. bfloat16 rows of x are widened once per chunk of XC columns, not once per rank tile;
+ * the shrink's sums carry over in `low` from one chunk to the next, in the same order. */
+#define XC 256
 INLINE void rows(const lora_weights *w, int m, const void *x, int64_t xs, void *y, int64_t ys, int bf16) {
   float low[MR * w->rank_pad];
   if (bf16) {
-    int64_t n = w->in_dim;
-    float wide[m * n];
-    for (int i = 0; i < m; i++) {
-      int64_t k = 0;
-      for (; k + W <= n; k += W) store(wide, i * n + k, load(x, i * xs + k, 1), 0);
-      for (; k < n; k++) wide[i * n + k] = load1(x, i * xs + k, 1);
+    float wide[MR * XC];
+    for (int64_t k0 = 0; k0 < w->in_dim; k0 += XC) {
+      int64_t n = w->in_dim - k0 < XC ? w->in_dim - k0 : XC;
+      for (int i = 0; i < m; i++) {
+        int64_t k = 0;
+        for (; k + W <= n; k += W) store(wide, i * XC + k, load(x, i * xs + k0 + k, 1), 0);
+        for (; k < n; k++) wide[i * XC + k] = load1(x, i * xs + k0 + k, 1);
+      }
+      shrink(w, m, wide, XC, n, k0, low, 1);
     }
-    shrink(w, m, wide, n, low, 1);
   } else {
-    shrink(w, m, (const float *)x, xs, low, 0);
+    shrink(w, m, (const float *)x, xs, w->in_dim, 0, low, 0);
   }
   expand(w, m, low, y, ys, bf16);
 }

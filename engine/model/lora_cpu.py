@@ -66,11 +66,6 @@ class _Segment(ctypes.Structure):
 
 # The element types the kernel reads and writes: x, y and the packed weights are all of one of them.
 DTYPES = (torch.float32, torch.bfloat16)
-# The most rows of one step the kernel takes, per dtype. Beyond it torch's matmuls are faster: in
-# bfloat16 they run on the CPU's matrix units where it has them (AMX), and on this project's machine
-# they overtook the kernel between 256 and 512 rows. In float32 the kernel was ahead at every size
-# measured (1024 rows included).
-MAX_ROWS: dict[torch.dtype, int | None] = {torch.float32: None, torch.bfloat16: 256}
 
 
 def _tiles(m: torch.Tensor) -> torch.Tensor:
@@ -92,7 +87,7 @@ class PackedAdapter:
         dtypes = {t.dtype for site in sites if site is not None for t in site[:2]}
         if len(dtypes) > 1 or not dtypes <= set(DTYPES):
             raise ValueError(f"the kernel packs weights of one dtype among {DTYPES}, not {dtypes}")
-        self.dtype = dtypes.pop() if dtypes else torch.float32
+        self.dtype: torch.dtype | None = dtypes.pop() if dtypes else None  # None: no site, any dtype
         self._table = (_Weights * len(sites))()  # zeroed: num_blocks 0 means "no delta"
         self._keep: list[torch.Tensor] = []  # the tensors the table points into
         self.num_bytes = 0
@@ -131,6 +126,7 @@ class StepPlan:
         self._segments = (_Segment * len(segments))(*(_Segment(s, e, p.address) for s, e, p in segments))
         self._adapters = [p for _, _, p in segments]  # keep the tables alive while the plan is
         self._rows = max((end for _, end, _ in segments), default=0)
+        self._num_sites = min((len(p.dims) for _, _, p in segments), default=0)
         self._step = step
         self._address = ctypes.addressof(self._segments)
 
@@ -142,6 +138,10 @@ class StepPlan:
             raise ValueError(f"the plan takes {self.dtype} CPU tensors with contiguous columns")
         if min(x.shape[0], y.shape[0]) < self._rows:
             raise ValueError(f"the plan covers {self._rows} rows; x has {x.shape[0]}, y {y.shape[0]}")
+        if not 0 <= site < self._num_sites:
+            raise IndexError(f"site {site} is outside the adapters' {self._num_sites} sites")
+        if self._rows > 1 and (x.stride(0) < x.shape[1] or y.stride(0) < y.shape[1]):
+            raise ValueError("rows of x and y must not overlap")
         for adapter in self._adapters:
             dims = adapter.dims[site]
             if dims is not None and (x.shape[1] != dims[0] or y.shape[1] < dims[1]):
@@ -175,15 +175,9 @@ class LoraKernel:
             self._steps[dtype] = step
         self.library = library
 
-    @staticmethod
-    def suits(dtype: torch.dtype, rows: int) -> bool:
-        """Whether a step of `rows` adapter rows in `dtype` is better served by the kernel than by torch."""
-        limit = MAX_ROWS.get(dtype, 0)
-        return limit is None or rows <= limit
-
     def plan(self, segments: list[tuple[int, int, PackedAdapter]]) -> StepPlan:
         """A step's plan: rows [start, end) use the packed adapter (all of one dtype)."""
-        dtypes = {packed.dtype for _, _, packed in segments}
+        dtypes = {packed.dtype for _, _, packed in segments if packed.dtype is not None}
         if len(dtypes) > 1:
             raise ValueError(f"one step's adapters are packed in one dtype, not {dtypes}")
         dtype = dtypes.pop() if dtypes else torch.float32

@@ -1,4 +1,4 @@
-"""bench.hotswap counts what it says: gaps inside and outside load windows, on known token times."""
+"""bench.hotswap counts what it says: gaps inside and outside load windows, on known output times."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_gaps_are_split_by_load_windows() -> None:
     assert during == pytest.approx([0.05])
     assert outside == pytest.approx([0.01] * 5)
     figures = run.figures()
-    assert figures["tokens"] == 7 and figures["loads"] == 1
+    assert figures["outputs"] == 7 and figures["loads"] == 1
     assert figures["median_gap_ms"] == pytest.approx(10.0)
     assert figures["max_gap_during_loads_ms"] == pytest.approx(50.0)
     assert figures["max_during_over_median"] == pytest.approx(5.0)

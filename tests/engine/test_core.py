@@ -207,17 +207,18 @@ def test_steps_of_many_tokens_run_on_the_prefill_threads(
 
 
 def test_auto_dtype_is_the_devices_fast_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    cpu = torch.device("cpu")
     for name in ("float32", "float16", "bfloat16"):
         assert resolve_dtype(name, cpu) == getattr(torch, name)
     monkeypatch.setattr(core_module, "cpu_has_bfloat16_matmuls", lambda: True)
     assert resolve_dtype("auto", cpu) == torch.bfloat16
     monkeypatch.setattr(core_module, "cpu_has_bfloat16_matmuls", lambda: False)
     assert resolve_dtype("auto", cpu) == torch.float32  # emulated bfloat16 would be slower
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
-    assert resolve_dtype("auto", cuda) == torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
-    assert resolve_dtype("auto", cuda) == torch.float16
+    asked: list[torch.device] = []
+    for capability, expected in [((9, 0), torch.bfloat16), ((8, 0), torch.bfloat16), ((7, 5), torch.float16)]:
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d, c=capability: asked.append(d) or c)
+        assert resolve_dtype("auto", torch.device("cuda:1")) == expected
+    assert asked == [torch.device("cuda:1")] * 3  # the configured device, not the current one
 
 
 def test_an_auto_engine_serves_in_the_resolved_dtype(demo: DemoModel) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx2
@@ -23,6 +25,7 @@ from engine.demo import DemoModel
 from engine.errors import RequestFailed
 from server.formats import ChatFormat
 from server.generation import Generation
+from server.metrics import Histogram, ServerMetrics, StreamObserver
 from server.sse import DONE_FRAME, GenerationStreamResponse, event_frames
 from tests.server.conftest import BASE, CONSULT, TCM, make_engine, parse_sse, sse_json
 
@@ -300,11 +303,13 @@ class _EndlessStream:
         self.closed = True
 
 
-def _endless_response(send_timeout_s: float) -> tuple[GenerationStreamResponse, _EndlessStream]:
+def _endless_response(
+    send_timeout_s: float, ping_s: float = 60.0
+) -> tuple[GenerationStreamResponse, _EndlessStream]:
     stream = _EndlessStream()
     job = Generation("chatcmpl-t", [cast(RequestStream, stream)], num_prompt_tokens=3)
     fmt = ChatFormat("chatcmpl-t", CONSULT, False)
-    return GenerationStreamResponse(job, fmt, False, 60.0, send_timeout_s), stream
+    return GenerationStreamResponse(job, fmt, False, ping_s, send_timeout_s), stream
 
 
 async def _serve(response: GenerationStreamResponse, send: Callable[[Message], Any]) -> None:
@@ -347,3 +352,41 @@ async def test_sends_slower_than_steps_but_within_the_timeout_are_not_cut() -> N
     with pytest.raises(OSError, match="went away"):
         await _serve(response, slow)
     assert len(bodies) == 4 and response.num_cut == 0 and stream.closed
+
+
+async def test_a_frozen_client_with_a_keep_alive_also_stuck_is_cut_once() -> None:
+    """Keep-alives every 50 ms: once the client freezes, the data send and a keep-alive send both wait.
+    One is cut; the response ends without an exception (two cuts had left an exception group)."""
+    for _ in range(4):
+        response, stream = _endless_response(0.3, ping_s=0.05)
+        await _serve(response, _freezing_after(4))  # raises if anything escaped
+        assert response.num_cut == 1 and stream.closed
+
+
+def _freezing_after(num_bodies: int) -> Callable[[Message], Any]:
+    """A client that takes `num_bodies` body messages, then never takes another."""
+    bodies: list[Message] = []
+
+    async def send(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message)
+            if len(bodies) >= num_bodies:
+                await asyncio.Event().wait()
+
+    return send
+
+
+def test_a_joined_increment_counts_one_gap_per_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inter-token histogram gets one sample per token: an increment of three tokens that came 0.3 s
+    after the one before counts three gaps of 0.1 s."""
+    clock = iter([10.0, 10.1, 10.4])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    observer = StreamObserver()
+    metrics = cast(ServerMetrics, SimpleNamespace(itl=Histogram([0.05, 0.15, 1.0])))
+    observer.metrics = metrics
+    observer.output(0, RequestOutput("r", "头", [5], 3, 1))
+    observer.output(0, RequestOutput("r", "痛", [6], 3, 2))
+    observer.output(0, RequestOutput("r", "发热了", [7, 8, 9], 3, 5))
+    assert metrics.itl.count == 4
+    assert metrics.itl.sum == pytest.approx(0.4)
+    assert metrics.itl.counts == [0, 4, 0]  # every gap is 0.1 s
