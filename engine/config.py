@@ -29,7 +29,10 @@ class EngineConfig:
         long matmuls share cores with the event loop far better than decode steps' short ones (None:
         num_threads; needs num_threads).
     overlap_steps: run each CUDA-graph decode step while the host reads back the tokens of the step
-        before (they reach the caller one step later); off, every step ends with its tokens read.
+        before (they reach the caller one step later); off, every step ends with its tokens read. Steps
+        whose sampling reads back anyway (top-k, top-p) or returns logprobs are never deferred. On an
+        H200 it took the batch-1 step from 4.72 to 4.20 ms and mixed adapters' tokens/s up 14% at 64
+        requests, 8% at 256 (bench/README.md).
     """
 
     model_path: Path
@@ -49,7 +52,7 @@ class EngineConfig:
     num_threads: int | None = None
     prefill_threads: int | None = None
     enforce_eager: bool = False
-    overlap_steps: bool = False
+    overlap_steps: bool = True
 
     def __post_init__(self) -> None:
         positive = {

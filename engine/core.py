@@ -311,10 +311,12 @@ class EngineCore:
         return Carried(unread.tokens, sources)
 
     def _defer(self, sampling: list[ScheduledSeq], logits: torch.Tensor) -> _Unread | None:
-        """Sample the step without reading the tokens back; None when a row needs its logprobs or the
-        batched sampling fails (the caller then samples as usual)."""
+        """Sample the step without reading the tokens back; None when a row needs its logprobs, when the
+        sampling reads back anyway (top-k, top-p: deferring only adds the copy; on an H200 a batch-1 step
+        at ChatMed's settings took 5.68 ms deferred against 5.40 not) or when the batched sampling fails
+        (the caller then samples as usual)."""
         reqs, rows = self._rows(sampling)
-        if any(req.params.logprobs is not None for req in reqs):
+        if any(req.params.logprobs is not None for req in reqs) or self.sampler.reads_back(rows):
             return None
         # Should the batch fail, the usual path samples it again: seeded rows must draw as if only it had.
         seeded = [(g, g.get_state()) for g in (r.generator for r in reqs) if g is not None]

@@ -99,9 +99,14 @@ class Sampler:
 
     def sample_ids(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """The tokens `sample` picks, as a [rows] int64 tensor on the device, without logprobs. Nothing
-        here waits for the device unless a row has top-k or top-p: truncation reads back which rows its
-        first candidates decide."""
+        here waits for the device unless `reads_back(rows)`."""
         return self._pick(logits, rows)[1]
+
+    @staticmethod
+    def reads_back(rows: Sequence[SamplingRow]) -> bool:
+        """Whether sampling these rows waits for the device: truncation (a drawn row with top-k or top-p)
+        reads back which rows its first candidates decide."""
+        return any(_truncates(row.params) for row in rows)
 
     def _pick(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
         """(the raw logits in float32, the chosen ids [rows])."""
@@ -177,7 +182,7 @@ class Sampler:
         probs = scaled.softmax(dim=-1)  # [rows, vocab]
         generators = [None if g else row.generator for row, g in zip(rows, greedy, strict=True)]
         uniforms = self._uniforms(generators)
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        if self.reads_back(rows):
             kept = truncate(
                 scaled,
                 probs,
@@ -208,6 +213,11 @@ class Sampler:
             index = to_device(seeded, torch.long, self.device)
             uniforms.index_copy_(0, index, torch.cat(own))
         return uniforms
+
+
+def _truncates(params: SamplingParams) -> bool:
+    """A drawn row (not greedy) with top-k or top-p."""
+    return params.temperature >= _MIN_TEMPERATURE and (params.top_k > 0 or params.top_p < 1.0)
 
 
 def to_device(

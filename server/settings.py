@@ -74,9 +74,10 @@ class Settings(BaseSettings):
         default=False, description="on CUDA, run every decode step eagerly instead of replaying CUDA graphs"
     )
     overlap_steps: bool = Field(
-        default=False,
+        default=True,
         description="on CUDA, run each CUDA-graph decode step while the host reads back the step before's "
-        "tokens (each token reaches its stream one step later)",
+        "tokens (each token reaches its stream one step later); steps with top-k/top-p sampling or "
+        "logprobs never are; --no-overlap-steps: every step ends with its tokens read",
     )
     max_num_seqs: int = Field(default=64, ge=1, description="requests running at once")
     max_model_len: int | None = Field(

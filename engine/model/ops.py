@@ -145,11 +145,9 @@ class TritonOps(TorchOps):
         # triton_ops.skinny_matmul where it beat cuBLAS on an H200 (triton_ops.skinny_settings); False
         # (or CHATMED_DISABLE_SKINNY_MATMUL=1, for a card where it does not): cuBLAS always.
         self.skinny = os.environ.get("CHATMED_DISABLE_SKINNY_MATMUL") != "1"
-        # Candidates for the batch-1 step, off until a GPU run shows them faster (bench.gpu times each
-        # against the defaults): silu(gate) * up computed inside the down projection's skinny matmul,
-        # one launch fewer per layer; and decode attention reading more positions per loop step.
-        self.fuse_swiglu = False
-        self.decode_keys_per_step = 64
+        # Positions each decode attention program reads per loop step; None: decode_keys_for(batch).
+        self.decode_keys_per_step: int | None = None
+        self._num_sms: int | None = None
 
     # Fixed-shape steps put the adapters' A's under the weights (LoraRows), so that the base matmul also
     # does the shrink, and add the deltas with triton_ops.lora_expand. Off: the torch stacked LoRA.
@@ -182,14 +180,6 @@ class TritonOps(TorchOps):
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         return self.k.silu_mul(gate_up)
 
-    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        settings = (
-            self._skinny_settings(gate_up, weight) if self.fuse_swiglu and gate_up.shape[0] == 1 else None
-        )
-        if settings is not None:
-            return self.k.skinny_matmul(gate_up, weight, settings, gated=True)
-        return super().silu_mul_linear(gate_up, weight)
-
     def rotary_store(
         self,
         qkv: torch.Tensor,
@@ -217,15 +207,21 @@ class TritonOps(TorchOps):
         layer: int,
     ) -> torch.Tensor:
         assert batch.decode_blocks is not None and batch.decode_lens is not None
+        keys = self.decode_keys_per_step or self.decode_keys_for(q.shape[0] * q.shape[1], q.device)
         return self.k.paged_decode_attention(
-            q.contiguous(),
-            k_cache,
-            v_cache,
-            batch.decode_blocks,
-            batch.decode_lens,
-            batch.block_size,
-            self.decode_keys_per_step,
+            q.contiguous(), k_cache, v_cache, batch.decode_blocks, batch.decode_lens, batch.block_size, keys
         )
+
+    def decode_keys_for(self, programs: int, device: torch.device) -> int:
+        """Positions per loop step for `programs` (sequences x heads) decode attention programs. Fewer
+        programs than the GPU has multiprocessors leave each one alone on its multiprocessor, waiting on
+        its loads: there 256 positions (8 warps) per step keep more reads in flight. On an H200, batch
+        1 (32 programs): 4.34 ms a step against 4.72 with 64; at 64 and 256 sequences 128 positions per
+        step were slower than 64 (bench/README.md)."""
+        if self._num_sms is None:
+            cuda = device.type == "cuda"
+            self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
+        return 256 if programs <= self._num_sms else 64
 
 
 def triton_available() -> bool:

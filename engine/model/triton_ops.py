@@ -301,13 +301,11 @@ def _skinny_matmul_kernel(
     EVEN_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     PRECISION: tl.constexpr,
-    GATED: tl.constexpr = False,
 ):
     """y [rows, n_out] = x [rows, n_in] @ w [n_out, n_in]^T for a few rows: one program per BLOCK_N output
     columns streams its slice of w once, so the weight read spreads over every multiprocessor. With
     USE_DOT the rows (padded to BLOCK_M >= 16) go through tl.dot; else BLOCK_M is 1 and the products
-    accumulate elementwise, reduced once at the end. GATED (one row): x is [gate, up] of 2 n_in values
-    and the product runs on silu(gate) * up, rounded as silu_mul rounds it."""
+    accumulate elementwise, reduced once at the end."""
     pid = tl.program_id(0)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < n_out
@@ -340,13 +338,6 @@ def _skinny_matmul_kernel(
                 k_ok = kk < n_in
                 x = tl.load(x_ptr + kk, mask=k_ok, other=0.0)
                 w = tl.load(w_base + kk[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-            if GATED:
-                if EVEN_K:
-                    up = tl.load(x_ptr + n_in + kk)
-                else:
-                    up = tl.load(x_ptr + n_in + kk, mask=kk < n_in, other=0.0)
-                g = x.to(tl.float32)
-                x = ((g * tl.sigmoid(g)).to(up.dtype).to(tl.float32) * up.to(tl.float32)).to(up.dtype)
             acc2 += w.to(tl.float32) * x.to(tl.float32)[None, :]
         out1 = tl.sum(acc2, 1).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + cols, out1, mask=col_ok)
@@ -372,16 +363,12 @@ def skinny_settings(rows: int, n_out: int, n_in: int) -> tuple[int, int, int, in
     return None
 
 
-def skinny_matmul(
-    x: torch.Tensor, weight: torch.Tensor, settings: tuple[int, int, int, int], gated: bool = False
-) -> torch.Tensor:
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, settings: tuple[int, int, int, int]) -> torch.Tensor:
     """x [M, in] @ weight [out, in]^T for M <= 16, accumulated in float32, rounded once to x's dtype;
-    `settings` as skinny_settings gives them. `gated` (M = 1): x is gate_up [1, 2 in], and the product is
-    silu_mul(x) @ weight^T without silu_mul's own launch (the same arithmetic per value)."""
-    rows, n_in = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+    `settings` as skinny_settings gives them."""
+    rows, n_in = x.shape
     n_out = weight.shape[0]
     assert 1 <= rows <= 16 and weight.shape[1] == n_in and x.stride(1) == 1 and weight.stride(1) == 1
-    assert not gated or (rows == 1 and x.shape[1] == 2 * n_in)
     use_dot = rows > 1
     block_n, block_k, num_warps, num_stages = settings
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
@@ -401,7 +388,6 @@ def skinny_matmul(
         EVEN_K=n_in % block_k == 0,
         USE_DOT=use_dot,
         PRECISION=_dot_precision(x.dtype),
-        GATED=gated,
         num_warps=num_warps,
         num_stages=num_stages,
     )

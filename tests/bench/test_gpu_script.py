@@ -234,21 +234,23 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
     assert ops.skinny and ops.lora_rows and core.runner.graphs is graphs
     run_engine(core, works, 4, deadline, "rows")  # the engine's own graphs again: the LoRA rows
     assert calls["expand"] > 0
-    row = variant_row(
-        core, works[:1], "base, candidates", 4, floor, deadline, fuse_swiglu=True, decode_keys_per_step=128
-    )
+    row = variant_row(core, works[:1], "base, candidates", 4, floor, deadline, decode_keys_per_step=128)
     assert row.setup == "base, candidates" and row.output_tokens > 0
-    assert not ops.fuse_swiglu and ops.decode_keys_per_step == 64 and core.runner.graphs is graphs
+    assert ops.decode_keys_per_step is None and core.runner.graphs is graphs
     assert core.allocator.num_free == core.allocator.num_blocks
 
 
 def test_overlap_rows_overlap_steps_and_give_the_engine_back(workdir: Path) -> None:
     """The `overlapped steps` rows (on the CPU: fixed-shape steps without capture) run with the engine's
     overlap on (their ChatMed-sampling twin without), at batch 1 without the forward timer, and leave it
-    as it was."""
+    as it was: off, as bench.gpu's engine has it. ChatMed's sampling (top-p) reads its step back anyway,
+    so its steps are not overlapped even with overlap on."""
     shape = get_preset("tiny").shape
     built = build_model(shape, "float32", torch.device("cpu"), workdir, seed=0)
-    core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64))
+    config = EngineConfig(
+        model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64, overlap_steps=False
+    )
+    core = EngineCore(config)
     core.runner.use_fixed_decode(8, core.max_model_len, capture=False, lora_units=core.lora_units)
     floor = Floor(shape, 4, 10.0, dict(DEMO_ADAPTERS))
     works = mixed(make_prompts(4, 12, 4000, seed=1), [name for name, _ in DEMO_ADAPTERS])
@@ -262,7 +264,7 @@ def test_overlap_rows_overlap_steps_and_give_the_engine_back(workdir: Path) -> N
     plain = overlap_row(core, works[:1], "base, ChatMed sampling", 6, floor, math.inf, False, True)
     assert core.num_overlapped == before and plain.output_tokens == 6
     sampled = overlap_row(core, works[:1], "sampled, overlapped", 6, floor, math.inf, True, True)
-    assert core.num_overlapped > before and sampled.output_tokens == 6
+    assert core.num_overlapped == before and sampled.output_tokens == 6
     assert not core.overlap and not core.has_unfinished()
     assert core.allocator.num_free == core.allocator.num_blocks
 

@@ -28,6 +28,9 @@ QUESTIONS = (
     "问：腰痛\n答：",
 )
 ADAPTERS = ["chatmed-tcm", None, "chatmed-consult", "chatmed-tcm", None]
+# Where an engine on the Triton ops runs: natively on a GPU, else on the CPU under Triton's interpreter
+# (tests/conftest.py turns it on where there is no CUDA; Triton refuses CPU tensors otherwise).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _prompts(core: EngineCore) -> list[list[int]]:
@@ -72,7 +75,8 @@ def test_fixed_decode_with_one_device_slot_follows_evictions(
     With the Triton ops each adapter in turn takes the LoRA rows' one slot."""
     if ops == "triton":
         pytest.importorskip("triton")
-    fixed = EngineCore(engine_config(demo, max_loras=1))
+    device = TRITON_DEVICE if ops == "triton" else "cpu"
+    fixed = EngineCore(engine_config(demo, device=device, max_loras=1, enforce_eager=True))
     if ops == "triton":
         fixed.runner.model.ops = TritonOps()
     fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False, lora_units=fixed.lora_units)
@@ -242,7 +246,7 @@ def test_fixed_decode_follows_rows_laid_out_again_elsewhere(demo: DemoModel, eag
     the adapters' rows changes no LoraSlots version: the graphs still notice, drop what read the old rows
     and place the resident adapters again."""
     pytest.importorskip("triton")
-    fixed = EngineCore(engine_config(demo, enforce_eager=True))
+    fixed = EngineCore(engine_config(demo, device=TRITON_DEVICE, enforce_eager=True))
     fixed.runner.model.ops = TritonOps()
     fixed.runner.use_fixed_decode(16, fixed.max_model_len, capture=False, lora_units=fixed.lora_units)
     graphs = fixed.runner.graphs
@@ -312,11 +316,10 @@ def test_fixed_decode_with_the_lora_rows_gives_the_ordinary_tokens(
     the base."""
     pytest.importorskip("triton")
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    fixed = EngineCore(engine_config(demo, device=device, enforce_eager=True))
+    fixed = EngineCore(engine_config(demo, device=TRITON_DEVICE, enforce_eager=True))
     fixed.runner.model.ops = TritonOps()
     fixed.runner.use_fixed_decode(
-        16, fixed.max_model_len, capture=device == "cuda", lora_units=fixed.lora_units
+        16, fixed.max_model_len, capture=TRITON_DEVICE == "cuda", lora_units=fixed.lora_units
     )
     prompts = _prompts(fixed)
     assert _tokens(fixed.generate(prompts, GREEDY, ADAPTERS)) == _tokens(

@@ -69,13 +69,14 @@ def _same(ours: list[RequestOutput], theirs: list[RequestOutput]) -> None:
 
 
 def _params(**common: object) -> list[SamplingParams]:
-    """Greedy and seeded draws (top-p, repetition penalty), lengths that end at different steps."""
-    settings = [(12, 0.0), (5, 0.7), (20, 0.2), (1, 0.0), (9, 1.0)]
+    """Greedy and seeded draws (repetition penalty; top-p on the two that end by the 9th token, whose
+    steps are therefore not deferred), lengths that end at different steps."""
+    settings = [(12, 0.0, 1.0), (5, 0.7, 0.9), (20, 0.2, 1.0), (1, 0.0, 1.0), (9, 1.0, 0.9)]
     return [
         SamplingParams(
-            max_tokens=n, temperature=t, top_p=0.9, repetition_penalty=1.3, seed=i, ignore_eos=True, **common
+            max_tokens=n, temperature=t, top_p=p, repetition_penalty=1.3, seed=i, ignore_eos=True, **common
         )
-        for i, (n, t) in enumerate(settings)
+        for i, (n, t, p) in enumerate(settings)
     ]
 
 
@@ -109,24 +110,21 @@ def test_a_failed_batched_sampling_leaves_seeded_draws_as_without_overlap(
 ) -> None:
     """When a deferred step's batched sampling raises, the step is sampled again the usual way: the
     seeded rows' generators are first put back, so each row draws as often as without overlap."""
-    original = sampler_module.sample_truncated
+    original = sampler_module.sample_from_probs
     failures = itertools.count()
 
     def flaky(*args: Any) -> torch.Tensor:
         # Some batches fail, each row alone succeeds; which ones depends on the logits, so both engines
         # fail at the same steps. Called after the draws.
-        probs = args[1]
+        probs = args[0]
         if probs.shape[0] > 1 and int(probs[0].argmax()) % 3 == 0:
             next(failures)
             raise RuntimeError("batched sampling failed")
         return original(*args)
 
-    monkeypatch.setattr(sampler_module, "sample_truncated", flaky)
+    monkeypatch.setattr(sampler_module, "sample_from_probs", flaky)
     prompts = _prompts(plain)[:2]
-    params = [
-        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=5 + i, ignore_eos=True)
-        for i in range(2)
-    ]
+    params = [SamplingParams(max_tokens=12, temperature=0.8, seed=5 + i, ignore_eos=True) for i in range(2)]
     _same(overlapped.generate(prompts, params, [None, None]), plain.generate(prompts, params, [None, None]))
     assert next(failures) > 2
 
@@ -191,7 +189,7 @@ def test_arrivals_and_aborts_between_overlapped_steps(plain: EngineCore, overlap
     while its token is unread: the others' increments are those of the same schedule without overlap."""
     prompts = _prompts(plain)
     greedy = SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True)
-    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, seed=7, ignore_eos=True)
     events: dict[int, list[tuple]] = {
         0: [("add", "a", prompts[0], greedy, "chatmed-tcm"), ("add", "b", prompts[1], sampled, None)],
         4: [("add", "c", prompts[2], greedy, "chatmed-consult")],
@@ -206,6 +204,24 @@ def test_arrivals_and_aborts_between_overlapped_steps(plain: EngineCore, overlap
     assert not any(o.finished for o in ours["b"])
     # b streamed no further than without overlap (its unread token is dropped, not sent after the abort)
     assert [o.token_ids for o in ours["b"]] == [o.token_ids for o in theirs["b"]][: len(ours["b"])]
+
+
+def test_steps_that_truncate_are_not_deferred(demo: DemoModel, plain: EngineCore) -> None:
+    """Top-k or top-p reads the step back while sampling it, so deferring would only add the copy: such
+    steps end with their tokens read, and once the truncating request ends the others' steps overlap."""
+    core = _core(demo, overlap=True)
+    prompts = _prompts(plain)[:2]
+    truncating = [
+        SamplingParams(max_tokens=8, temperature=0.7, top_k=k, top_p=p, seed=3, ignore_eos=True)
+        for k, p in ((0, 0.9), (5, 1.0))
+    ]
+    for params in truncating:
+        _same(core.generate(prompts[:1], params, [None]), plain.generate(prompts[:1], params, [None]))
+    assert core.num_overlapped == 0
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    params = [truncating[0], greedy]
+    _same(core.generate(prompts, params, ADAPTERS[:2]), plain.generate(prompts, params, ADAPTERS[:2]))
+    assert core.num_overlapped > 0  # the greedy request's last steps, alone
 
 
 def test_a_request_with_logprobs_reads_its_step_at_once(plain: EngineCore, overlapped: EngineCore) -> None:
