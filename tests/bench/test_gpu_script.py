@@ -348,4 +348,25 @@ def test_tiny_preset_on_cuda_in_bf16(tmp_path: Path) -> None:
     assert result["guard"]["passed"] is True
     assert result["copy_bandwidth_gbs"] > 0
     assert all(r["out_tok_s"] > 0 and not r["partial"] for r in result["rows"])
-    assert len(result["rows"]) == 10
+    # With the Triton ops and CUDA graphs every variant row is there: 10 at batch 1, 6 per concurrency.
+    ours = [(r["setup"], r["batch"]) for r in result["rows"] if r["system"] == "chatmed engine"]
+    assert {s for s, b in ours if b == 1} >= {
+        "base",
+        "chatmed-tcm",
+        "base, overlapped steps",
+        "base, ChatMed sampling, overlapped steps",
+        "base, no CUDA graphs",
+        "base, cuBLAS matmuls",
+        "base, attention 64 keys/step",
+    }
+    for c in result["config"]["concurrency"]:
+        assert {s for s, b in ours if b == c} == {
+            "mixed 50/50",
+            "base",
+            "mixed 50/50, overlapped steps",
+            "base, overlapped steps",
+            "mixed 50/50, cuBLAS LoRA",
+            "base, attention 256 keys/step",
+        }
+    assert len(ours) == 10 + 6 * len(result["config"]["concurrency"])
+    assert sum(r["system"] == "transformers generate" for r in result["rows"]) == 4
