@@ -1003,7 +1003,8 @@ def engine_rows(
         )
         rows += [row] if row is not None else []
     if core.runner.graphs is not None:
-        # Greedy overlapped; then ChatMed's sampling (top-p reads back its candidates) without and with.
+        # Greedy overlapped; then ChatMed's sampling without and with overlap on: top-p reads back its
+        # candidates, so the engine does not defer those steps, and the two rows check that it does not.
         for label, overlap, sampled in (
             (f"{_BASE}{_OVERLAP}", True, False),
             (f"{_BASE}{_SAMPLED}", False, True),

@@ -30,9 +30,9 @@ class EngineConfig:
         num_threads; needs num_threads).
     overlap_steps: run each CUDA-graph decode step while the host reads back the tokens of the step
         before (they reach the caller one step later); off, every step ends with its tokens read. Steps
-        whose sampling reads back anyway (top-k, top-p) or returns logprobs are never deferred. On an
-        H200 it took the batch-1 step from 4.72 to 4.20 ms and mixed adapters' tokens/s up 14% at 64
-        requests, 8% at 256 (bench/README.md).
+        whose sampling reads back anyway (top-k, top-p: ChatMed's default top_p 0.9) or returns logprobs
+        are never deferred. On an H200 (greedy requests) it took the batch-1 step from 4.33 to 3.86 ms,
+        mixed adapters' tokens/s up 13% at 64 requests and 10% at 256 (bench/README.md).
     """
 
     model_path: Path

@@ -77,7 +77,7 @@ class Settings(BaseSettings):
         default=True,
         description="on CUDA, run each CUDA-graph decode step while the host reads back the step before's "
         "tokens (each token reaches its stream one step later); steps with top-k/top-p sampling or "
-        "logprobs never are; --no-overlap-steps: every step ends with its tokens read",
+        "logprobs are never deferred; --no-overlap-steps: every step ends with its tokens read",
     )
     max_num_seqs: int = Field(default=64, ge=1, description="requests running at once")
     max_model_len: int | None = Field(

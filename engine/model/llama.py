@@ -131,16 +131,6 @@ class LoraBatch:
         self.add_delta(y, x, layer, fused)
         return y
 
-    def down(self, gate_up: torch.Tensor, weight: torch.Tensor, layer: int, ops: TorchOps) -> torch.Tensor:
-        """The MLP's down projection of silu(gate) * up, plus the adapters' deltas."""
-        if not self.touches(layer, "down"):
-            return ops.silu_mul_linear(gate_up, weight)
-        return self.linear(ops.silu_mul(gate_up), weight, layer, "down", ops)
-
-    def touches(self, layer: int, fused: str) -> bool:
-        """Whether any adapter of the step adds to this projection (if unsure, True)."""
-        return True
-
 
 class SegmentLora(LoraBatch):
     """Tokens grouped by adapter into contiguous segments. With `plan` (the CPU kernel, every segment's
@@ -150,9 +140,6 @@ class SegmentLora(LoraBatch):
     def __init__(self, segments: list[LoraSegment], plan: StepPlan | None = None) -> None:
         self.segments = segments
         self.plan = plan
-
-    def touches(self, layer: int, fused: str) -> bool:
-        return any(fused in seg.weights[layer] for seg in self.segments)
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
         if self.plan is not None and self.plan.accepts(x, y):
@@ -217,9 +204,6 @@ class StackedLora(LoraBatch):
             self.masks = {
                 p: (row_adapter[:, None] == ids[None, :]).to(dtype) for p, ids in stacked.owner_ids.items()
             }
-
-    def touches(self, layer: int, fused: str) -> bool:
-        return bool(self.stacked.weights) and fused in self.stacked.weights[layer]
 
     def add_delta(self, y: torch.Tensor, x: torch.Tensor, layer: int, fused: str) -> None:
         if not self.stacked.weights:  # no adapter in the step
@@ -303,7 +287,7 @@ class Block(nn.Module):
             x, lora.linear(o, self.o, self.layer, "o", ops), self.mlp_norm.weight, self.mlp_norm.eps
         )
         gate_up = lora.linear(h, self.gate_up, self.layer, "gate_up", ops)
-        return x, lora.down(gate_up, self.down, self.layer, ops)
+        return x, lora.linear(ops.silu_mul(gate_up), self.down, self.layer, "down", ops)
 
 
 class Llama(nn.Module):

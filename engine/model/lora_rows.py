@@ -188,9 +188,6 @@ class RowsLora(LoraBatch):
     ) -> torch.Tensor:
         return self._with_rows(ops.linear, x, weight, layer, fused)
 
-    def down(self, gate_up: torch.Tensor, weight: torch.Tensor, layer: int, ops: TorchOps) -> torch.Tensor:
-        return self._with_rows(ops.silu_mul_linear, gate_up, weight, layer, "down")
-
     def _with_rows(
         self,
         matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],

@@ -7,6 +7,7 @@ against the torch set (under Triton's interpreter when there is no GPU).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -52,10 +53,6 @@ class TorchOps:
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
-
-    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """silu_mul(gate_up) @ weight^T (the MLP's down projection)."""
-        return self.linear(self.silu_mul(gate_up), weight)
 
     def rotary_store(
         self,
@@ -147,7 +144,6 @@ class TritonOps(TorchOps):
         self.skinny = os.environ.get("CHATMED_DISABLE_SKINNY_MATMUL") != "1"
         # Positions each decode attention program reads per loop step; None: decode_keys_for(batch).
         self.decode_keys_per_step: int | None = None
-        self._num_sms: int | None = None
 
     # Fixed-shape steps put the adapters' A's under the weights (LoraRows), so that the base matmul also
     # does the shrink, and add the deltas with triton_ops.lora_expand. Off: the torch stacked LoRA.
@@ -218,10 +214,13 @@ class TritonOps(TorchOps):
         its loads: there 256 positions (8 warps) per step keep more reads in flight. On an H200, batch
         1 (32 programs): 4.34 ms a step against 4.72 with 64; at 64 and 256 sequences 128 positions per
         step were slower than 64 (bench/README.md)."""
-        if self._num_sms is None:
-            cuda = device.type == "cuda"
-            self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
-        return 256 if programs <= self._num_sms else 64
+        return 256 if programs <= multiprocessors(device) else 64
+
+
+@functools.cache
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's streaming multiprocessors; 0 for a CPU (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 0
 
 
 def triton_available() -> bool:

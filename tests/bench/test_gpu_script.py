@@ -199,7 +199,10 @@ def test_kernel_variant_rows_run_and_give_the_engine_back(
 
     shape = get_preset("tiny").shape
     built = build_model(shape, "float32", torch.device("cpu"), workdir, seed=0)
-    core = EngineCore(EngineConfig(model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64))
+    config = EngineConfig(
+        model_path=built.base_path, adapters=built.adapters, num_kv_blocks=64, overlap_steps=False
+    )
+    core = EngineCore(config)  # plain steps, as bench.gpu's engine
     core.runner.model.ops = ops = TritonOps()
     core.runner.use_fixed_decode(8, core.max_model_len, capture=False, lora_units=core.lora_units)
     graphs = core.runner.graphs

@@ -10,6 +10,7 @@ pytest.importorskip("triton")
 
 from engine.core import EngineCore
 from engine.demo import DemoModel
+from engine.model import ops as ops_module
 from engine.model import triton_ops
 from engine.model.attention import AttentionBatch
 from engine.model.ops import TorchOps, TritonOps
@@ -216,13 +217,17 @@ def test_engine_on_triton_ops_generates_what_the_torch_ops_generate(demo: DemoMo
     assert [o.token_ids for o in fused] == [o.token_ids for o in reference]
 
 
-def test_decode_attention_reads_more_positions_per_step_where_programs_are_few() -> None:
-    """Fewer (sequences x heads) programs than multiprocessors: 256 positions per loop step, else 64;
-    on the CPU (the interpreter) always 64; a fixed decode_keys_per_step overrides the rule."""
+def test_decode_attention_reads_more_positions_per_step_where_programs_are_few(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No more (sequences x heads) programs than multiprocessors: 256 positions per loop step, else 64;
+    on the CPU (the interpreter) always 64, whatever a GPU of the same process has."""
     ops = TritonOps()
     assert ops.decode_keys_for(32, torch.device("cpu")) == 64
-    ops._num_sms = 132  # an H200's
+    h200 = {"cuda": 132, "cpu": 0}
+    monkeypatch.setattr(ops_module, "multiprocessors", lambda device: h200[device.type])
     assert [ops.decode_keys_for(n, torch.device("cuda")) for n in (32, 132, 133, 2048)] == [256, 256, 64, 64]
+    assert ops.decode_keys_for(32, torch.device("cpu")) == 64
 
 
 def test_wide_decode_attention_generates_what_the_torch_ops_generate(demo: DemoModel) -> None:
