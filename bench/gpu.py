@@ -74,7 +74,7 @@ _SAMPLED = ", ChatMed sampling"
 # package needs web packages that the GPU host lacks.
 _CHATMED_SAMPLING = {"temperature": 0.2, "top_p": 0.9, "repetition_penalty": 1.3}
 # Decode attention's positions per loop step fixed (TritonOps.decode_keys_per_step) instead of chosen by
-# the number of programs (256 where they are fewer than the multiprocessors, else 64): each gets a batch-1
+# the number of programs (256 where they are no more than the multiprocessors, else 64): each gets a batch-1
 # base row, and the wide one a base row per concurrency.
 _CANDIDATES: dict[str, dict[str, object]] = {
     "attention 64 keys/step": {"decode_keys_per_step": 64},
